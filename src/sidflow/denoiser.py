@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["Cond", "Denoiser", "PromptEncoder"]
+__all__ = ["Cond", "CondSource", "Denoiser", "PromptEncoder"]
 
 
 @dataclass(frozen=True)
@@ -140,4 +140,21 @@ class PromptEncoder(Protocol):
 
     def uncond(self, batch_size: int) -> Cond:
         """The unconditional conditioning (the encoding of ``""``), tiled to ``batch_size``."""
+        ...
+
+
+@runtime_checkable
+class CondSource(Protocol):
+    """Where the trainer's conditioning comes from (prompt lists, class labels, datasets).
+
+    Draws are keyed (see :mod:`sidflow.rng`): the prompt of global sample ``i`` at ``iteration``
+    for ``stream`` ("fake" or "gen") is the same whatever the micro-batch size or rank count.
+    """
+
+    def sample(self, *, seed: int, iteration: int, stream: str, indices: Sequence[int]) -> Cond:
+        """Conditioning for the global sample ``indices`` of one iteration (batch ``len(indices)``)."""
+        ...
+
+    def uncond(self, batch_size: int) -> Cond:
+        """The unconditional conditioning tiled to ``batch_size`` (for CFG's ``[uncond; cond]``)."""
         ...
