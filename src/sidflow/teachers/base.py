@@ -1,0 +1,289 @@
+"""The thin helper layer shared by the teacher adapters (spec sections 1.1, 2 and 7.1).
+
+Each family file (``sd3.py``, ``flux.py``, ``sana.py``) is self-contained; this module only holds
+what is literally identical between them:
+
+* :class:`TransformerDenoiser`, the ``nn.Module`` base that *wraps* (never subclasses) a diffusers
+  transformer and owns the dtype policy (fp32 in and out, the model's dtype inside) and the pooled
+  final-norm features of spec 7.1 (image tokens after ``norm_out``, before ``proj_out``, averaged
+  over tokens; captured by a forward hook on ``norm_out`` so diffusers' own forward is reused);
+* :func:`three_networks`, spec 2: frozen teacher psi, trainable fake score phi, trainable generator
+  theta, deep-copied from one teacher;
+* :class:`LatentCodec`, VAE encode/decode with the model's scaling and shift (spec 2.2/2.3/2.1);
+* small loading helpers (time scale resolution, text-encoder dtype, one-line errors).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from sidflow.denoiser import Cond
+from sidflow.errors import TeacherLoadError
+
+__all__ = ["TransformerDenoiser", "LatentCodec", "three_networks", "resolve_time_scale",
+           "default_text_encoder_dtype", "check_resolution", "read_model_index", "SIDFLOW_TEACHER_FILE"]
+
+log = logging.getLogger(__name__)
+
+SIDFLOW_TEACHER_FILE = "sidflow_teacher.json"  # optional {"family", "time_scale"} next to model_index
+
+
+class TransformerDenoiser(nn.Module):
+    """Base for the per-family denoisers: holds only the transformer.
+
+    Subclasses implement ``_forward(x, t, cond) -> v_model`` in the model's dtype and layout
+    (unpacked ``[B, C, h, w]`` in, velocity of the same shape out).
+    """
+
+    def __init__(self, transformer: nn.Module, time_scale: float) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.time_scale = float(time_scale)
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def _forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def velocity(self, x_t: Tensor, t: Tensor, cond: Cond, *, features: bool = False
+                 ) -> Tensor | tuple[Tensor, Tensor]:
+        """Velocity ``v ~ eps - x0`` at rectified-flow time ``t`` (spec 1).
+
+        Args:
+            x_t: unpacked latents ``[B, C, h, w]``, any float dtype.
+            t: rectified-flow time ``[B]``, ``t = 1`` is noise.
+            cond: conditioning from the teacher's ``encode_prompts``/``uncond`` (batch ``B``).
+            features: also return the pooled final-norm features ``[B, C_inner]`` (spec 7.1).
+
+        Returns:
+            fp32 ``v`` shaped like ``x_t``, or ``(v, features)`` (features fp32).
+        """
+        if t.ndim != 1 or t.shape[0] != x_t.shape[0]:
+            raise ValueError(f"t must have shape [B]={[x_t.shape[0]]}, got {list(t.shape)}")
+        if len(cond) != x_t.shape[0]:
+            raise ValueError(f"cond has batch {len(cond)} but x_t has {x_t.shape[0]}")
+        dtype = self.model_dtype
+        cond = cond.to(x_t.device, dtype)  # precision cast: float conds to the model dtype
+        if not features:
+            return self._forward(x_t.to(dtype), t.float(), cond).float()
+        captured: list[Tensor] = []
+        hook = self.transformer.norm_out.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            v = self._forward(x_t.to(dtype), t.float(), cond).float()
+        finally:
+            hook.remove()
+        return v, captured[-1].float().mean(dim=1)
+
+
+def three_networks(teacher: TransformerDenoiser, trainable_copies: bool = True,
+                   gradient_checkpointing: bool = False
+                   ) -> tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser]:
+    """Spec 2: frozen teacher psi, fake score phi and generator theta from one teacher.
+
+    Args:
+        teacher: the loaded teacher denoiser; it is frozen in place (``eval``, no grad).
+        trainable_copies: deep-copy phi and theta (trainable); False returns the teacher three
+            times (inference only, no extra memory).
+        gradient_checkpointing: enable diffusers' gradient checkpointing on phi and theta.
+
+    Returns:
+        ``(teacher, fake, generator)``.
+    """
+    teacher.eval().requires_grad_(False)
+    if not trainable_copies:
+        return teacher, teacher, teacher
+    copies = []
+    for _ in range(2):
+        net = copy.deepcopy(teacher).train().requires_grad_(True)
+        if gradient_checkpointing and getattr(net.transformer, "_supports_gradient_checkpointing", False):
+            net.transformer.enable_gradient_checkpointing()
+        copies.append(net)
+    return teacher, copies[0], copies[1]
+
+
+class LatentCodec:
+    """VAE images <-> latents with the model's ``scaling_factor`` and ``shift_factor``.
+
+    ``latent = (z - shift) * scaling`` on encode and ``z = latent / scaling + shift`` on decode;
+    SANA's DC-AE has no shift (0). Images are ``[B, 3, H, W]`` in ``[-1, 1]``.
+    """
+
+    def __init__(self, vae: nn.Module, sample: bool = True) -> None:
+        self.vae = vae
+        self.scaling = float(vae.config.scaling_factor)
+        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self.sample = sample  # KL VAEs: draw from the posterior (spec 2.2) or take its mean
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Images ``[B, 3, H, W]`` in [-1, 1] -> fp32 latents ``[B, C, H/f, W/f]``."""
+        dtype = next(self.vae.parameters()).dtype
+        out = self.vae.encode(images.to(dtype))
+        if hasattr(out, "latent_dist"):
+            dist = out.latent_dist
+            z = dist.sample(generator) if self.sample else dist.mode()
+        else:
+            z = out.latent
+        return ((z.float() - self.shift) * self.scaling).float()
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents ``[B, C, h, w]`` -> fp32 images in about [-1, 1] (not clamped)."""
+        dtype = next(self.vae.parameters()).dtype
+        z = latents.float() / self.scaling + self.shift
+        return self.vae.decode(z.to(dtype)).sample.float()
+
+
+def resolve_time_scale(explicit: float | None, name: str, default: float | None = None) -> float:
+    """The value fed to the transformer is ``time_scale * t`` (spec 1.1).
+
+    An explicit setting (argument or preset) wins; then the family default; the name rule
+    ("sprint" in the name -> 1, else 1000) is only a fallback and logs a warning.
+    """
+    if explicit is not None:
+        return float(explicit)
+    if default is not None:
+        return float(default)
+    guess = 1.0 if "sprint" in name.lower() else 1000.0
+    log.warning("time_scale not given for %s; guessed %g from the name (pass time_scale= to be explicit)",
+                name, guess)
+    return guess
+
+
+def default_text_encoder_dtype(device: torch.device | str, requested: torch.dtype | None) -> torch.dtype:
+    """bf16 on CUDA (spec 2.1), fp32 on CPU (bf16 is ~24x slower there), unless requested."""
+    if requested is not None:
+        return requested
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def check_resolution(resolution: int | tuple[int, int], factor: int, what: str) -> tuple[int, int]:
+    """``(H, W)`` after checking both are divisible by ``factor`` (VAE factor x patch size)."""
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    if height <= 0 or width <= 0 or height % factor or width % factor:
+        near = max(factor, (height // factor) * factor)
+        raise TeacherLoadError(f"resolution {height}x{width} is not divisible by {factor} ({what}); "
+                               f"pick a multiple of {factor}, e.g. {near}")
+    return height, width
+
+
+def read_model_index(folder: Path) -> dict:
+    """``model_index.json`` of a local diffusers pipeline folder, or a one-line TeacherLoadError."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise TeacherLoadError(f"{folder} is not a diffusers pipeline folder (no model_index.json); "
+                               "point --teacher at a folder saved with save_pretrained or at a hub id")
+    try:
+        return json.loads(index.read_text())
+    except json.JSONDecodeError as err:
+        raise TeacherLoadError(f"{index} is not valid JSON ({err.msg}); re-save the pipeline") from None
+
+
+def check_components(folder: Path, index: dict, needed: tuple[str, ...]) -> None:
+    """One-line error naming the first needed component missing from the folder."""
+    for name in needed:
+        entry = index.get(name)
+        if not entry or entry[0] is None or not (folder / name).is_dir():
+            raise TeacherLoadError(f"{folder} lacks the '{name}' component that this family needs; "
+                                   "re-save the complete pipeline (save_pretrained) or fix model_index.json")
+
+
+def load_component(loader: Callable[[], nn.Module], name: str, where: str) -> nn.Module:
+    """Run a diffusers/transformers ``from_pretrained`` and turn failures into one line."""
+    try:
+        return loader()
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TeacherLoadError(f"cannot load '{name}' of {where}: {first[:200]}") from None
+
+
+class TeacherBase:
+    """What every family's teacher object shares: VAE codec, latent shapes, the three networks.
+
+    A teacher holds the pipeline (VAE, text encoders, tokenizers, scheduler config) and the teacher
+    :class:`TransformerDenoiser`. Subclasses set ``family`` and implement ``encode_prompts`` and
+    ``_set_timesteps``.
+    """
+
+    family = "?"
+
+    def __init__(self, pipe, denoiser: TransformerDenoiser, *, name: str, device: torch.device | str,
+                 vae_factor: int, token_factor: int) -> None:
+        self.pipe = pipe
+        self.denoiser = denoiser
+        self.name = name
+        self.device = torch.device(device)
+        self.vae_factor = int(vae_factor)
+        self.token_factor = int(token_factor)  # patch size (SD3, SANA) or the 2x2 packing (FLUX)
+        self.codec = LatentCodec(pipe.vae)
+        self._uncond: Cond | None = None
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.pipe.vae.config.latent_channels)
+
+    def latent_shape(self, resolution: int | tuple[int, int]) -> tuple[int, int, int]:
+        """``(C, H/f, W/f)`` of the unpacked latents for an image resolution (one-line error if invalid)."""
+        factor = self.vae_factor * self.token_factor
+        height, width = check_resolution(resolution, factor,
+                                         f"VAE factor {self.vae_factor} x patch {self.token_factor}")
+        return self.latent_channels, height // self.vae_factor, width // self.vae_factor
+
+    def uncond(self, batch_size: int) -> Cond:
+        """The encoding of ``""`` (computed once), tiled to ``batch_size``."""
+        if self._uncond is None:
+            self._uncond = self.encode_prompts([""])
+        return self._uncond.repeat(batch_size)
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Images ``[B, 3, H, W]`` in [-1, 1] -> latents ``[B, C, H/f, W/f]`` (fp32)."""
+        return self.codec.encode(images.to(self.device), generator)
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Latents ``[B, C, h, w]`` -> images ``[B, 3, H, W]`` in about [-1, 1] (fp32)."""
+        return self.codec.decode(latents.to(self.device))
+
+    def make_denoisers(self, trainable_copies: bool = True, gradient_checkpointing: bool = False
+                       ) -> tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser]:
+        """``(teacher, fake, generator)``: see :func:`three_networks`."""
+        return three_networks(self.denoiser, trainable_copies, gradient_checkpointing)
+
+    def text_encoders(self) -> list[nn.Module]:
+        return [m for m in (getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2",
+                                                                    "text_encoder_3")) if m is not None]
+
+    def move_text_encoders(self, device: torch.device | str) -> None:
+        """Park the text encoders (e.g. on CPU once every prompt is cached)."""
+        for module in self.text_encoders():
+            module.to(device)
+
+    def scheduler(self):
+        """A fresh ``FlowMatchEulerDiscreteScheduler`` with the pipeline's config (shift included)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        config = dict(self.pipe.scheduler.config)
+        if type(self.pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
+            # SANA ships DPM-Solver in flow mode: the equivalent Euler scheduler keeps its flow shift
+            config = {"shift": float(config.get("flow_shift") or 1.0)}
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+    def sigmas(self, num_steps: int, latent_shape: tuple[int, int, int]) -> Tensor:
+        """The pipeline's own step times (its shift included), ``[num_steps + 1]`` ending at 0."""
+        scheduler = self.scheduler()
+        self._set_timesteps(scheduler, num_steps, latent_shape)
+        return scheduler.sigmas.float().cpu()
+
+    def _set_timesteps(self, scheduler, num_steps: int, latent_shape: tuple[int, int, int]) -> None:
+        scheduler.set_timesteps(num_steps)

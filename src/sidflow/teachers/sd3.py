@@ -1,0 +1,103 @@
+"""SD3-Medium, SD3.5-Medium and SD3.5-Large teachers (spec 1.1, 2.2, 10.3).
+
+The MMDiT ``SD3Transformer2DModel`` predicts the rectified-flow velocity ``v = eps - x0`` and takes
+``timestep = 1000 t`` (``time_scale = 1000``). Text conditioning comes from the pipeline's own
+``encode_prompt``: CLIP-L and CLIP-G penultimate states, zero-padded to the T5 width and stacked with
+the T5 states -> ``prompt_embeds [B, 77 + L_T5, 4096]``; pooled CLIP-L ⊕ CLIP-G ->
+``pooled_prompt_embeds [B, 2048]``. The T5 length is a setting (default 77, as in the reference; the
+diffusers pipeline defaults to 256). ``text_encoder_3`` may be absent (diffusers then uses zeros).
+Latents are ``[B, 16, H/8, W/8]`` with ``latent = (z - shift) * scaling``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sidflow.denoiser import Cond
+from sidflow.teachers.base import (
+    TeacherBase,
+    TransformerDenoiser,
+    default_text_encoder_dtype,
+    load_component,
+)
+
+__all__ = ["SD3Denoiser", "SD3Teacher", "load"]
+
+NEEDED = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+
+class SD3Denoiser(TransformerDenoiser):
+    """Wraps ``SD3Transformer2DModel``: ``v = transformer(x_t, time_scale * t, embeds, pooled)``."""
+
+    def _forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        return self.transformer(hidden_states=x, timestep=self.time_scale * t,
+                                encoder_hidden_states=cond["prompt_embeds"],
+                                pooled_projections=cond["pooled_prompt_embeds"], return_dict=False)[0]
+
+
+class SD3Teacher(TeacherBase):
+    """An SD3/SD3.5 pipeline seen by sidflow: prompt encoder, VAE codec and teacher denoiser.
+
+    Args:
+        pipe: a ``StableDiffusion3Pipeline`` (components on ``device``).
+        time_scale: the transformer is fed ``time_scale * t`` (1000 for every SD3 checkpoint).
+        max_sequence_length: T5 tokens per prompt (77 as in the reference).
+        name: hub id or folder, for messages.
+        device: compute device.
+    """
+
+    family = "sd3"
+
+    def __init__(self, pipe, *, time_scale: float = 1000.0, max_sequence_length: int = 77, name: str = "sd3",
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__(pipe, SD3Denoiser(pipe.transformer, time_scale), name=name, device=device,
+                         vae_factor=pipe.vae_scale_factor, token_factor=pipe.transformer.config.patch_size)
+        self.max_sequence_length = int(max_sequence_length)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        """``{"prompt_embeds" [B, 77 + L, D], "pooled_prompt_embeds" [B, P]}`` in fp32.
+
+        The empty prompt goes through the same encoders (the unconditional embedding is the
+        encoding of ``""``, not zeros; spec 2.2).
+        """
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
+            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
+        return Cond({"prompt_embeds": embeds.float(), "pooled_prompt_embeds": pooled.float()})
+
+    def _set_timesteps(self, scheduler, num_steps: int, latent_shape: tuple[int, int, int]) -> None:
+        # As StableDiffusion3Pipeline: mu only when the scheduler uses dynamic shifting (SD3.5 does not).
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", None):
+            patch = self.token_factor
+            seq_len = (latent_shape[1] // patch) * (latent_shape[2] // patch)
+            kwargs["mu"] = calculate_shift(seq_len, scheduler.config.get("base_image_seq_len", 256),
+                                           scheduler.config.get("max_image_seq_len", 4096),
+                                           scheduler.config.get("base_shift", 0.5),
+                                           scheduler.config.get("max_shift", 1.16))
+        scheduler.set_timesteps(num_steps, **kwargs)
+
+
+def load(source: str | Path, *, name: str, time_scale: float, dtype: torch.dtype = torch.float32,
+             text_encoder_dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+             max_sequence_length: int = 77) -> SD3Teacher:
+    """Load with diffusers' ``StableDiffusion3Pipeline.from_pretrained`` (hub id or local folder)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = load_component(lambda: StableDiffusion3Pipeline.from_pretrained(str(source), dtype=dtype),
+                          "pipeline", name)
+    pipe.to(device)
+    te_dtype = default_text_encoder_dtype(device, text_encoder_dtype)
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if encoder is not None:
+            encoder.to(dtype=te_dtype).requires_grad_(False)
+    pipe.vae.requires_grad_(False)
+    return SD3Teacher(pipe, time_scale=time_scale, max_sequence_length=max_sequence_length, name=name,
+                      device=device)
