@@ -1,0 +1,274 @@
+"""Typed, frozen run configuration of a SiD distillation, named presets and dotted overrides.
+
+One :class:`SiDConfig` holds a section per concern (teacher, generator, loss, guidance, optimiser,
+training loop, SiDA adversarial term); defaults follow the spec's "at a glance" column (spec
+sections 3-7 and 10). Choices are string enums (``Literal`` types), never booleans. Presets are
+registered by name in :data:`PRESETS` (:func:`register_preset`); the CLI applies overrides such as
+``loss.alpha=1.2`` with :func:`apply_overrides`, which checks every value against the field's type
+and raises a one-line :class:`~sidflow.errors.ConfigError` naming the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sidflow.errors import ConfigError
+
+__all__ = ["TeacherConfig", "GeneratorConfig", "LossConfig", "GuidanceConfig", "OptimConfig",
+           "TrainConfig", "GANConfig", "SiDConfig", "PRESETS", "register_preset", "get_preset",
+           "apply_overrides", "to_json", "from_json", "to_dict", "from_dict"]
+
+Weighting = Literal["1_minus_sigma", "1_minus_sigma_squared", "1_over_sigma", "1_over_sigma2",
+                    "snr_sqrt", "snr", "sid_legacy"]
+
+
+def _validate(obj: Any) -> None:
+    """Check every field of a config dataclass against its annotated type (Literal choices too)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not dataclasses.is_dataclass(value):  # store the coerced value (e.g. int 3 -> 3.0)
+            object.__setattr__(obj, f.name, _coerce(hints[f.name], value, f"{type(obj).__name__}.{f.name}"))
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    kind: str = "gmm"              # runner key in sidflow.commands.distill.RUNNERS ("gmm", ...)
+    path: str = "2d"               # gmm: "2d" | "image"; pipelines: a folder or hub id
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"   # weights of teacher/fake/generator
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    num_steps: int = 4             # K (spec 3.1)
+    t_init: float = 1.0            # time of the first step (999/999)
+    noise_type: Literal["fresh", "fixed", "ddim"] = "fresh"
+    shift: float | None = None     # SD3 step-time warp (3.0), None = off
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        if self.num_steps < 1 or not 0 < self.t_init <= 1:
+            raise ConfigError("generator.num_steps must be >= 1 and generator.t_init in (0, 1]")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    alpha: float = 1.0             # SiD alpha (1.2 in original SiD)
+    weighting: Weighting = "1_minus_sigma"
+    t_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
+    t_mean: float = math.log(2.0)  # logit-normal location
+    t_std: float = 1.6             # logit-normal scale
+    t_min: float = 0.0             # uniform range
+    t_max: float = 1.0
+    ls: float = 1.0                # fake-score loss scale
+    lsg: float = 100.0             # generator loss scale
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    kappa1: float = 4.5            # CFG of the fake score in its own loss
+    kappa2: float = 4.5            # CFG of the fake score in the generator loss (first factor)
+    kappa3: float | None = None    # ... second factor; None = kappa2
+    kappa4: float = 4.5            # CFG of the teacher in the generator loss
+    embedded_teacher: float | None = None    # FLUX embedded guidance for teacher and fake; None = untouched
+    embedded_generator: float | None = 1.0   # FLUX embedded guidance for the generator
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def kappa3_value(self) -> float:
+        return self.kappa2 if self.kappa3 is None else self.kappa3
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-5               # fake score
+    glr: float = 1e-5              # generator
+    betas: tuple[float, float] = (0.0, 0.999)
+    eps: float = 1e-8
+    grad_clip: float | None = None   # clip-by-value on both networks' grads (pure bf16: 1.0)
+
+    def __post_init__(self) -> None:
+        _validate(self)  # betas become floats: torch 2.13's Adam rejects the integer 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch: int = 256               # global batch B
+    batch_gpu: int = 8             # micro-batch b per rank and round
+    max_steps: int = 1000          # iterations (ignored when total_kimg is set)
+    total_kimg: float | None = None  # training length in thousands of generator images
+    seed: int = 0
+    log_every: int = 10            # iterations between metric logs
+    ckpt_every: int = 500          # iterations between checkpoints (0 = only at the end)
+    ema_halflife_kimg: float = 0.0   # generator EMA half-life; 0 = off
+    max_nonfinite_frac: float = 0.1  # abort with NonFiniteError past this fraction of a phase's samples
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        if self.batch < 1 or self.batch_gpu < 1 or self.batch % self.batch_gpu:
+            raise ConfigError(f"train.batch={self.batch} must be a multiple of "
+                              f"train.batch_gpu={self.batch_gpu}")
+
+    def num_steps(self) -> int:
+        """Iterations to run: ``ceil(total_kimg * 1000 / batch)`` or ``max_steps``."""
+        if self.total_kimg is None:
+            return self.max_steps
+        return math.ceil(self.total_kimg * 1000 / self.batch)
+
+
+@dataclass(frozen=True)
+class GANConfig:
+    mode: Literal["off", "sida"] = "off"   # SiDA: fake-score features as discriminator (spec 7)
+    warmup_kimg: float = 20.0      # no generator update before this many images
+    mix_kimg: float = 40.0         # after this, generator loss 0.5 SiD + 0.5 adversarial
+    mix: float = 0.5               # weight of the adversarial term after mix_kimg
+    lsd: float = 1.0               # discriminator loss scale
+    lsg_gan: float = 1.0           # generator adversarial loss scale
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+@dataclass(frozen=True)
+class SiDConfig:
+    name: str = "custom"
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+
+
+# ---- (de)serialisation and overrides ----------------------------------------------------------
+def _choices(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is Literal:
+        return ", ".join(map(str, args))
+    return " | ".join(getattr(a, "__name__", str(a)) for a in args) or getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Convert ``value`` (a string from the CLI or a JSON value) to type ``tp`` or raise ConfigError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {_choices(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}={value!r} is not valid; expected {_choices(tp)}")
+    if origin is tuple:
+        parts = value.split(",") if isinstance(value, str) else list(value)
+        if len(parts) != len(args):
+            raise ConfigError(f"{key}={value!r} needs {len(args)} comma-separated values")
+        return tuple(_coerce(a, p, key) for a, p in zip(args, parts, strict=True))
+    try:
+        if tp is bool or isinstance(value, bool):
+            raise ValueError
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return tp(value) if tp in (int, float, str) else value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not valid; expected {_choices(tp)}") from None
+
+
+def to_dict(config: SiDConfig) -> dict[str, Any]:
+    """Plain JSON-able dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def from_dict(data: dict[str, Any]) -> SiDConfig:
+    """Build a config from :func:`to_dict` output; unknown keys raise ConfigError."""
+    hints = typing.get_type_hints(SiDConfig)
+    sections = {}
+    for name, value in data.items():
+        if name not in hints:
+            raise ConfigError(f"unknown config section {name!r}; valid: {', '.join(hints)}")
+        if name == "name":
+            sections[name] = str(value)
+            continue
+        sections[name] = _build_section(hints[name], value, name)
+    return SiDConfig(**sections)
+
+
+def _build_section(cls: type, values: dict[str, Any], section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown key {section}.{key}; valid: {', '.join(hints)}")
+        kwargs[key] = _coerce(hints[key], value, f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def to_json(config: SiDConfig) -> str:
+    return json.dumps(to_dict(config), indent=2, sort_keys=False)
+
+
+def from_json(text: str) -> SiDConfig:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"config JSON is malformed ({err}); fix or regenerate it with --dry-run") from None
+    return from_dict(data)
+
+
+def apply_overrides(config: SiDConfig, overrides: list[str]) -> SiDConfig:
+    """Apply ``section.key=value`` overrides (a leading ``--`` is allowed), type-checked."""
+    hints = typing.get_type_hints(SiDConfig)
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        key, sep, raw = text.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. loss.alpha=1.2)")
+        if section not in hints or section == "name":
+            raise ConfigError(f"unknown config section {section!r}; valid: "
+                              f"{', '.join(h for h in hints if h != 'name')}")
+        current = getattr(config, section)
+        sec_hints = typing.get_type_hints(type(current))
+        if name not in sec_hints:
+            raise ConfigError(f"unknown key {key!r}; valid keys of {section}: {', '.join(sec_hints)}")
+        value = _coerce(sec_hints[name], raw, key)
+        config = dataclasses.replace(config, **{section: dataclasses.replace(current, **{name: value})})
+    return config
+
+
+# ---- presets ------------------------------------------------------------------------------------
+PRESETS: dict[str, SiDConfig] = {}
+
+
+def register_preset(name: str, config: SiDConfig, *, replace: bool = False) -> None:
+    """Register a named preset (modules owning a runner register their own)."""
+    if name in PRESETS and not replace:
+        raise ConfigError(f"preset {name!r} already registered")
+    PRESETS[name] = dataclasses.replace(config, name=name)
+
+
+def get_preset(name: str) -> SiDConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]

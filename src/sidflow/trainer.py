@@ -1,0 +1,369 @@
+"""The two-phase SiD training loop (spec section 6), generic over any Denoiser.
+
+Score identity Distillation (Zhou et al. 2024), few-step flow-matching form (arXiv 2509.25127,
+Algorithm 1). One iteration with global batch ``B``, micro-batch ``b`` and ``R = B / (world b)``
+accumulation rounds per rank:
+
+1. fake score phi (spec 4): ``x_g`` from the generator under ``no_grad``; regress the kappa1-guided
+   velocity of phi at ``x_t = (1 - t) x_g + t eps`` onto ``eps - x_g`` (+ SiDA discriminator loss);
+2. generator theta (spec 5): ``x_g`` with gradient through the last step; the kappa4-guided teacher
+   and the kappa2/3-guided fake x0-predictions at a fresh ``x_t`` (NOT detached) give the SiD loss.
+
+Each loss is ``ls`` (``lsg``) times the per-sample sums over one round divided by ``B / world``, so R
+rounds of ``b`` produce exactly the gradients of one round of ``R b``. The step count ``k`` is drawn
+once per iteration and every per-sample draw is keyed by (seed, iteration, stream, global sample
+index) (:mod:`sidflow.rng`): results do not depend on ``b`` or on the number of ranks. Gradients are
+all-reduced (averaged) across ranks when ``torch.distributed`` is initialised, then ``nan_to_num``'d
+(nan -> 0, +-inf -> +-1e5) and optionally clipped by value before Adam ``betas=(0, 0.999)`` steps.
+Non-finite samples are excluded from the sums, counted in the metrics, and past
+``train.max_nonfinite_frac`` of a phase's samples training stops with :class:`NonFiniteError`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from sidflow import rng
+from sidflow.config import SiDConfig
+from sidflow.denoiser import Cond, CondSource, Denoiser
+from sidflow.errors import CheckpointError, ConfigError, NonFiniteError
+from sidflow.flow import add_noise, sample_t, x0_from_velocity
+from sidflow.generator import draw_fresh_noise, generator_step_times, sample_generator
+from sidflow.guidance import cfg, cond_uncond_velocity, guided_velocity, guided_x0, with_embedded_guidance
+from sidflow.losses import (
+    discriminator_loss,
+    fake_score_loss,
+    finite_mask,
+    generator_adv_loss,
+    loss_weight,
+    masked_sum,
+    sid_generator_loss,
+)
+
+__all__ = ["SiDTrainer", "Draws", "RealSource"]
+
+INF_CLAMP = 1e5
+
+
+class RealSource(Protocol):
+    """Real latents with their conditioning for SiDA (spec 7), keyed like :class:`CondSource`."""
+
+    def sample(self, *, seed: int, iteration: int, stream: str, indices: Sequence[int]
+               ) -> tuple[Tensor, Cond]: ...
+
+
+@dataclass
+class Draws:
+    """Everything random in one micro-batch of one phase (all keyed per global sample index)."""
+
+    indices: list[int]
+    cond: Cond
+    uncond: Cond
+    z: Tensor
+    fresh: Tensor | None
+    eps: Tensor
+    t: Tensor
+
+
+class SiDTrainer:
+    """Two-phase SiD trainer on already-built networks (never copied).
+
+    Args:
+        teacher: frozen teacher psi (set to eval, requires_grad False here).
+        fake: fake score phi (trainable), usually initialised as a copy of the teacher.
+        generator: generator theta (trainable), usually initialised as a copy of the teacher.
+        conds: keyed conditioning source (prompts or class labels).
+        latent_shape: per-sample latent shape, e.g. ``(16, 64, 64)``.
+        config: the run configuration.
+        device: where draws and conditioning go (networks must already be there).
+        real_source: real latents + cond for SiDA (``gan.mode="sida"``).
+        rank, world_size: this process's rank and the number of ranks.
+    """
+
+    def __init__(self, teacher: Denoiser, fake: Denoiser, generator: Denoiser, conds: CondSource,
+                 latent_shape: Sequence[int], config: SiDConfig, device: torch.device | str = "cpu", *,
+                 real_source: RealSource | None = None, rank: int = 0, world_size: int = 1) -> None:
+        tc = config.train
+        if tc.batch % (world_size * tc.batch_gpu):
+            raise ConfigError(f"train.batch={tc.batch} must be a multiple of world_size*train.batch_gpu="
+                              f"{world_size * tc.batch_gpu}")
+        if config.gan.mode == "sida" and real_source is None:
+            raise ConfigError("gan.mode=sida needs a real_source of real latents; or set gan.mode=off")
+        self.teacher, self.fake, self.generator = teacher, fake, generator
+        self.conds, self.real_source, self.config = conds, real_source, config
+        self.latent_shape, self.device = tuple(latent_shape), torch.device(device)
+        self.rank, self.world_size = rank, world_size
+        self.batch_rank = tc.batch // world_size            # spec's batch_gpu_total
+        self.rounds = self.batch_rank // tc.batch_gpu       # R
+        self.latent_numel = math.prod(self.latent_shape)
+        self.step_times = generator_step_times(config.generator.num_steps, config.generator.t_init,
+                                               config.generator.shift)
+        # Trainable sets are fixed here, excluding any weight shared with the teacher (adapter views),
+        # so switching requires_grad per phase never unfreezes the teacher.
+        teacher_ids = {id(p) for p in teacher.parameters()}
+        self.fake_params = [p for p in fake.parameters() if id(p) not in teacher_ids and p.requires_grad]
+        self.gen_params = [p for p in generator.parameters() if id(p) not in teacher_ids and p.requires_grad]
+        if not self.fake_params or not self.gen_params:
+            raise ConfigError("fake and generator need trainable parameters not shared with the teacher")
+        teacher.eval()
+        teacher.requires_grad_(False)
+        oc = config.optim
+        self.opt_fake = torch.optim.Adam(self.fake_params, lr=oc.lr, betas=oc.betas, eps=oc.eps)
+        self.opt_gen = torch.optim.Adam(self.gen_params, lr=oc.glr, betas=oc.betas, eps=oc.eps)
+        self.iteration, self.images_seen = 0, 0
+        self.nonfinite_total = {"fake": 0, "gen": 0}
+        self.ema: dict[str, Tensor] | None = None
+        if tc.ema_halflife_kimg > 0:
+            self.ema = {n: p.detach().clone() for n, p in generator.named_parameters()}
+
+    # ---- randomness --------------------------------------------------------------------------
+    def k_for(self, iteration: int) -> int:
+        """The step count of ``iteration``, shared by both phases and all ranks."""
+        return rng.randint_keyed(1, self.config.generator.num_steps, seed=self.config.train.seed,
+                                 iteration=iteration, stream="k")
+
+    def sample_indices(self, round_idx: int) -> list[int]:
+        """Global sample indices of this rank's round: ``rank * B/world + round * b + j``."""
+        b = self.config.train.batch_gpu
+        start = self.rank * self.batch_rank + round_idx * b
+        return list(range(start, start + b))
+
+    def draw(self, phase: str, iteration: int, round_idx: int) -> Draws:
+        """All random inputs of one micro-batch of ``phase`` ("fake" or "gen")."""
+        idx, seed, dev = self.sample_indices(round_idx), self.config.train.seed, self.device
+        lc, gc = self.config.loss, self.config.generator
+        keyed = dict(seed=seed, iteration=iteration, indices=idx, device=dev)
+        cond = self.conds.sample(seed=seed, iteration=iteration, stream=phase, indices=idx).to(dev)
+        fresh = None
+        if gc.noise_type == "fresh" and gc.num_steps > 1:
+            fresh = draw_fresh_noise(self.latent_shape, gc.num_steps, stream=f"{phase}/fresh", **keyed)
+        return Draws(
+            indices=idx, cond=cond, uncond=self.conds.uncond(len(idx)).to(dev),
+            z=rng.randn_per_sample(self.latent_shape, stream=f"{phase}/z", **keyed), fresh=fresh,
+            eps=rng.randn_per_sample(self.latent_shape, stream=f"{phase}/eps", **keyed),
+            t=sample_t(len(idx), kind=lc.t_sampling, mean=lc.t_mean, std=lc.t_std, t_min=lc.t_min,
+                       t_max=lc.t_max, stream=f"{phase}/t", **keyed))
+
+    # ---- shared pieces ----------------------------------------------------------------------
+    def _generate(self, d: Draws, k: int, grad_last: bool) -> Tensor:
+        cond = with_embedded_guidance(d.cond, self.config.guidance.embedded_generator)
+        gc = self.config.generator
+        return sample_generator(self.generator, d.z, cond, k=k, step_times=self.step_times,
+                                noise_type=gc.noise_type, fresh_noise=d.fresh, grad_last=grad_last)
+
+    def _critic_conds(self, d: Draws) -> tuple[Cond, Cond]:
+        value = self.config.guidance.embedded_teacher
+        return with_embedded_guidance(d.cond, value), with_embedded_guidance(d.uncond, value)
+
+    def _gan_phase(self) -> str:
+        """"off", "warmup" (no G update), "sid" (G: SiD only) or "mix" (G: SiD + adversarial)."""
+        g = self.config.gan
+        if g.mode == "off":
+            return "off"
+        if self.images_seen <= g.warmup_kimg * 1000:
+            return "warmup"
+        return "mix" if self.images_seen > g.mix_kimg * 1000 else "sid"
+
+    @staticmethod
+    def _set_trainable(params: list[nn.Parameter], flag: bool) -> None:
+        for p in params:
+            p.requires_grad_(flag)
+
+    def _finish_grads(self, trainable: list[nn.Parameter]) -> None:
+        params = [p for p in trainable if p.grad is not None]
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            for p in params:  # average over ranks (each rank's loss is divided by its own B/world)
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(self.world_size)
+        for p in params:
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=INF_CLAMP, neginf=-INF_CLAMP)
+        if self.config.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_value_(params, self.config.optim.grad_clip)
+
+    def _check_nonfinite(self, phase: str, bad: int) -> None:
+        self.nonfinite_total[phase] += bad
+        limit = self.config.train.max_nonfinite_frac
+        if bad > limit * self.batch_rank:
+            raise NonFiniteError(f"{bad}/{self.batch_rank} non-finite samples in the {phase} phase of "
+                                 f"iteration {self.iteration} (limit {limit:.0%}); lower the learning rate "
+                                 "or raise train.max_nonfinite_frac")
+
+    # ---- phase 1: fake score ----------------------------------------------------------------
+    def _fake_round(self, d: Draws, k: int, iteration: int) -> tuple[Tensor, int]:
+        with torch.no_grad():
+            x_g = self._generate(d, k, grad_last=False)
+        x_t = add_noise(x_g, d.eps, d.t)
+        cond, uncond = self._critic_conds(d)
+        gan = self.config.gan.mode != "off"
+        out = guided_velocity(self.fake, x_t, d.t, cond, uncond, self.config.guidance.kappa1, features=gan)
+        v, feats_fake = out if gan else (out, None)
+        per = self.config.loss.ls * fake_score_loss(v, x_g, d.eps)
+        mask = finite_mask(x_g, v)
+        if gan:
+            d_loss, feats_real = self._discriminator_loss(d, feats_fake, iteration)
+            per = per + d_loss
+            mask = mask & finite_mask(feats_real, feats_fake)
+        total, bad = masked_sum(per, mask)
+        return total / self.batch_rank, bad
+
+    def _discriminator_loss(self, d: Draws, feats_fake: Tensor, iteration: int) -> tuple[Tensor, Tensor]:
+        """SiDA D loss (spec 7.2): real latents noised with the same t (and eps when shapes agree)."""
+        seed = self.config.train.seed
+        x_real, real_cond = self.real_source.sample(seed=seed, iteration=iteration, stream="real",
+                                                    indices=d.indices)
+        x_real = x_real.to(self.device)
+        eps = d.eps
+        if x_real.shape != d.eps.shape:
+            eps = rng.randn_per_sample(x_real.shape[1:], seed=seed, iteration=iteration,
+                                       stream="real/eps", indices=d.indices, device=self.device)
+        real_cond = with_embedded_guidance(real_cond.to(self.device), self.config.guidance.embedded_teacher)
+        x_t_real = add_noise(x_real, eps, d.t)
+        _, feats_real = self.fake.velocity(x_t_real, d.t, real_cond, features=True)
+        loss = self.config.gan.lsd * discriminator_loss(feats_real, feats_fake, self.latent_numel)
+        return loss, feats_real
+
+    def fake_phase(self, iteration: int) -> dict[str, float]:
+        """Phase 1: one Adam step on the fake score over ``R`` accumulation rounds."""
+        k = self.k_for(iteration)
+        self._set_trainable(self.gen_params, False)
+        self._set_trainable(self.fake_params, True)
+        self.opt_fake.zero_grad(set_to_none=True)
+        loss, bad = torch.zeros((), device=self.device), 0
+        for r in range(self.rounds):
+            round_loss, round_bad = self._fake_round(self.draw("fake", iteration, r), k, iteration)
+            round_loss.backward()
+            loss, bad = loss + round_loss.detach(), bad + round_bad
+        self._check_nonfinite("fake", bad)
+        self._finish_grads(self.fake_params)
+        self.opt_fake.step()
+        self.opt_fake.zero_grad(set_to_none=True)
+        self._set_trainable(self.fake_params, False)
+        return {"loss_fake": float(loss), "nonfinite_fake": bad, "k": k}
+
+    # ---- phase 2: generator -----------------------------------------------------------------
+    def _fake_x0(self, x_t: Tensor, t: Tensor, cond: Cond, uncond: Cond, features: bool):
+        """Fake x0 at kappa2 (and kappa3 if different) plus conditional features, one pass."""
+        g = self.config.guidance
+        if g.kappa3_value == g.kappa2:
+            out = guided_velocity(self.fake, x_t, t, cond, uncond, g.kappa2, features=features)
+            v, feats = out if features else (out, None)
+            return x0_from_velocity(x_t, v, t), None, feats
+        v_u, v_c, feats = cond_uncond_velocity(self.fake, x_t, t, cond, uncond, features=features)
+        return (x0_from_velocity(x_t, cfg(v_u, v_c, g.kappa2), t),
+                x0_from_velocity(x_t, cfg(v_u, v_c, g.kappa3_value), t), feats)
+
+    def _gen_round(self, d: Draws, k: int, gan_phase: str) -> tuple[Tensor, int]:
+        lc = self.config.loss
+        x_g = self._generate(d, k, grad_last=True)
+        x_t = add_noise(x_g, d.eps, d.t)  # NOT detached: gradient flows into both predictions' inputs
+        cond, uncond = self._critic_conds(d)
+        x0_teacher = guided_x0(self.teacher, x_t, d.t, cond, uncond, self.config.guidance.kappa4)
+        x0_fake, x0_fake3, feats = self._fake_x0(x_t, d.t, cond, uncond, features=gan_phase == "mix")
+        per = lc.lsg * sid_generator_loss(x_g, x0_teacher, x0_fake, d.t, lc.alpha, lc.weighting,
+                                          x0_fake_second=x0_fake3)
+        mask = finite_mask(x_g, x0_teacher, x0_fake)
+        if gan_phase == "mix":
+            w = loss_weight(lc.weighting, d.t, x_g, x0_teacher)
+            adv = self.config.gan.lsg_gan * generator_adv_loss(feats, w, self.latent_numel)
+            per = (1 - self.config.gan.mix) * per + self.config.gan.mix * adv
+            mask = mask & finite_mask(feats)
+        total, bad = masked_sum(per, mask)
+        return total / self.batch_rank, bad
+
+    def generator_phase(self, iteration: int, step: bool = True) -> dict[str, float]:
+        """Phase 2: SiD loss over ``R`` rounds, then one Adam step (``step=False``: keep the grads)."""
+        gan_phase = self._gan_phase()
+        if gan_phase == "warmup":
+            return {"loss_gen": float("nan"), "nonfinite_gen": 0, "gen_updated": 0}
+        k = self.k_for(iteration)
+        self._set_trainable(self.fake_params, False)
+        self._set_trainable(self.gen_params, True)
+        self.opt_gen.zero_grad(set_to_none=True)
+        loss, bad = torch.zeros((), device=self.device), 0
+        for r in range(self.rounds):
+            round_loss, round_bad = self._gen_round(self.draw("gen", iteration, r), k, gan_phase)
+            round_loss.backward()
+            loss, bad = loss + round_loss.detach(), bad + round_bad
+        self._check_nonfinite("gen", bad)
+        if step:
+            self._finish_grads(self.gen_params)
+            self.opt_gen.step()
+            self.opt_gen.zero_grad(set_to_none=True)
+            self._update_ema()
+        return {"loss_gen": float(loss), "nonfinite_gen": bad, "k": k, "gen_updated": int(step)}
+
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        beta = 0.5 ** (self.config.train.batch / (self.config.train.ema_halflife_kimg * 1000))
+        with torch.no_grad():
+            for name, p in self.generator.named_parameters():
+                self.ema[name].lerp_(p.detach(), 1 - beta)
+
+    def step(self) -> dict[str, float]:
+        """One full iteration (fake phase, then generator phase); returns metrics."""
+        start = time.perf_counter()
+        metrics: dict[str, Any] = {"iteration": self.iteration}
+        metrics.update(self.fake_phase(self.iteration))
+        metrics.update(self.generator_phase(self.iteration))
+        self.iteration += 1
+        self.images_seen += self.config.train.batch
+        metrics["images_seen"] = self.images_seen
+        metrics["images_per_s"] = self.batch_rank / max(time.perf_counter() - start, 1e-9)
+        return metrics
+
+    # ---- state ------------------------------------------------------------------------------
+    def _stateful(self) -> dict[str, Any]:
+        return {"fake": self.fake, "generator": self.generator}
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"tensors": {flat name: Tensor}, "scalars": JSON-able dict}`` (see sidflow.checkpoint)."""
+        tensors: dict[str, Tensor] = {}
+        for name, module in self._stateful().items():
+            tensors.update({f"{name}/{k}": v for k, v in module.state_dict().items()})
+        if self.ema is not None:
+            tensors.update({f"ema/{k}": v for k, v in self.ema.items()})
+        scalars: dict[str, Any] = {"iteration": self.iteration, "images_seen": self.images_seen,
+                                   "nonfinite_total": dict(self.nonfinite_total)}
+        for name, opt in (("optim_fake", self.opt_fake), ("optim_gen", self.opt_gen)):
+            sd = opt.state_dict()
+            for pid, st in sd["state"].items():
+                tensors.update({f"{name}/{pid}/{key}": val for key, val in st.items()})
+            scalars[name] = {"param_groups": sd["param_groups"], "state_ids": sorted(sd["state"])}
+        return {"tensors": tensors, "scalars": scalars}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore exactly; raises CheckpointError on missing/unexpected keys or shape mismatches."""
+        tensors, scalars = state["tensors"], state["scalars"]
+        expected = self.state_dict()["tensors"]
+        own = {k: v for k, v in expected.items() if not k.startswith("optim_")}
+        theirs = {k: v for k, v in tensors.items() if not k.startswith("optim_")}
+        if set(own) != set(theirs):
+            diff = sorted(set(own) ^ set(theirs))[:3]
+            raise CheckpointError(f"checkpoint does not match the networks (keys differ, e.g. {diff}); "
+                                  "load it with the same teacher and config")
+        for key, val in own.items():
+            if tuple(theirs[key].shape) != tuple(val.shape):
+                raise CheckpointError(f"checkpoint tensor {key} has shape {list(theirs[key].shape)}, "
+                                      f"the network has {list(val.shape)}; use the matching config")
+        for name, module in self._stateful().items():
+            prefix = f"{name}/"
+            module.load_state_dict({k[len(prefix):]: v for k, v in theirs.items() if k.startswith(prefix)})
+        if self.ema is not None:
+            self.ema = {k[4:]: v.clone() for k, v in theirs.items() if k.startswith("ema/")}
+        for name, opt in (("optim_fake", self.opt_fake), ("optim_gen", self.opt_gen)):
+            groups = [dict(g, betas=tuple(g["betas"])) for g in scalars[name]["param_groups"]]
+            state_t: dict[int, dict[str, Tensor]] = {}
+            for pid in scalars[name]["state_ids"]:
+                prefix = f"{name}/{pid}/"
+                state_t[int(pid)] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            opt.load_state_dict({"state": state_t, "param_groups": groups})
+        self.iteration, self.images_seen = int(scalars["iteration"]), int(scalars["images_seen"])
+        self.nonfinite_total = dict(scalars["nonfinite_total"])
