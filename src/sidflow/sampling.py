@@ -7,7 +7,8 @@ The step times come from the teacher (``teacher.sigmas(num_steps, latent_shape)`
 them with the pipeline's own scheduler config and shift, so with the same initial noise the sampler
 reproduces ``pipe(..., output_type="latent")``. CFG (spec 5.2): ``w == 1`` one conditional pass,
 ``w == 0`` one unconditional pass, otherwise one batched ``[uncond; cond]`` pass and
-``v = v_u + w (v_c - v_u)``.
+``v = v_u + w (v_c - v_u)`` (:func:`sidflow.guidance.guided_velocity`). FLUX's embedded guidance
+travels in ``cond.meta`` (:func:`sidflow.guidance.with_embedded_guidance`).
 """
 
 from __future__ import annotations
@@ -16,31 +17,9 @@ import torch
 from torch import Tensor
 
 from sidflow.denoiser import Cond, Denoiser
+from sidflow.guidance import guided_velocity
 
-__all__ = ["guided_velocity", "euler_sample", "sample_teacher"]
-
-
-def guided_velocity(denoiser: Denoiser, x_t: Tensor, t: Tensor, cond: Cond, uncond: Cond | None,
-                    scale: float) -> Tensor:
-    """CFG velocity ``v_u + w (v_c - v_u)`` with the pass-skipping rules of spec 5.2.
-
-    Args:
-        denoiser: any :class:`~sidflow.denoiser.Denoiser`.
-        x_t: ``[B, ...]``; t: ``[B]``; cond / uncond: batch ``B``.
-        scale: guidance weight ``w``.
-
-    Returns:
-        fp32 velocity ``[B, ...]``.
-    """
-    if scale == 1.0 or uncond is None:
-        if scale != 1.0:
-            raise ValueError(f"guidance scale {scale} needs an unconditional Cond")
-        return denoiser.velocity(x_t, t, cond)
-    if scale == 0.0:
-        return denoiser.velocity(x_t, t, uncond)
-    v = denoiser.velocity(torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat([uncond, cond]))
-    v_uncond, v_cond = v.chunk(2)
-    return v_uncond + scale * (v_cond - v_uncond)
+__all__ = ["euler_sample", "sample_teacher"]
 
 
 @torch.no_grad()
@@ -62,6 +41,8 @@ def euler_sample(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, cond: Cond, 
     sigmas = sigmas.to(device=x.device, dtype=torch.float32)
     for i in range(sigmas.shape[0] - 1):
         t = sigmas[i].expand(x.shape[0])
+        if guidance_scale != 1.0 and uncond is None:
+            raise ValueError(f"guidance scale {guidance_scale} needs an unconditional Cond")
         v = guided_velocity(denoiser, x, t, cond, uncond, guidance_scale)
         x = x + (sigmas[i + 1] - sigmas[i]) * v
     return x

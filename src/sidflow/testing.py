@@ -51,7 +51,7 @@ def _gemma_tokenizer():
 
     pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "\u2581", "\n"]
     pieces += list(_LETTERS) + list(string.ascii_uppercase) + ["\u2581" + c for c in _LETTERS]
-    tok = GemmaTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=[])
+    tok = GemmaTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=[], add_bos_token=True)
     tok.model_max_length = 4096
     return tok
 

@@ -28,7 +28,8 @@ from sidflow.denoiser import Cond
 from sidflow.errors import TeacherLoadError
 
 __all__ = ["TransformerDenoiser", "LatentCodec", "three_networks", "resolve_time_scale",
-           "default_text_encoder_dtype", "check_resolution", "read_model_index", "SIDFLOW_TEACHER_FILE"]
+           "default_text_encoder_dtype", "check_resolution", "read_model_index", "SIDFLOW_TEACHER_FILE",
+           "TeacherBase", "prepare_pipeline", "check_components", "load_component"]
 
 log = logging.getLogger(__name__)
 
@@ -287,3 +288,14 @@ class TeacherBase:
 
     def _set_timesteps(self, scheduler, num_steps: int, latent_shape: tuple[int, int, int]) -> None:
         scheduler.set_timesteps(num_steps)
+
+
+def prepare_pipeline(pipe, device: torch.device | str, text_encoder_dtype: torch.dtype | None) -> None:
+    """Move a loaded pipeline to ``device``, cast its text encoders, freeze VAE and text encoders."""
+    pipe.to(device)
+    te_dtype = default_text_encoder_dtype(device, text_encoder_dtype)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        encoder = getattr(pipe, name, None)
+        if encoder is not None:
+            encoder.to(dtype=te_dtype).requires_grad_(False)
+    pipe.vae.requires_grad_(False)

@@ -21,8 +21,8 @@ from sidflow.denoiser import Cond
 from sidflow.teachers.base import (
     TeacherBase,
     TransformerDenoiser,
-    default_text_encoder_dtype,
     load_component,
+    prepare_pipeline,
 )
 
 __all__ = ["SD3Denoiser", "SD3Teacher", "load"]
@@ -93,11 +93,6 @@ def load(source: str | Path, *, name: str, time_scale: float, dtype: torch.dtype
 
     pipe = load_component(lambda: StableDiffusion3Pipeline.from_pretrained(str(source), dtype=dtype),
                           "pipeline", name)
-    pipe.to(device)
-    te_dtype = default_text_encoder_dtype(device, text_encoder_dtype)
-    for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        if encoder is not None:
-            encoder.to(dtype=te_dtype).requires_grad_(False)
-    pipe.vae.requires_grad_(False)
+    prepare_pipeline(pipe, device, text_encoder_dtype)
     return SD3Teacher(pipe, time_scale=time_scale, max_sequence_length=max_sequence_length, name=name,
                       device=device)
