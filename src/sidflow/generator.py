@@ -97,10 +97,11 @@ def sample_generator(generator: Denoiser, z: Tensor, cond: Cond, *, k: int, step
 
 
 def draw_fresh_noise(latent_shape: Sequence[int], num_steps: int, *, seed: int, iteration: int,
-                     stream: str, indices: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
+                     stream: str, indices: Sequence[int], device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> Tensor:
     """Keyed fresh noise for steps ``1..K-1``: shape ``[K-1, B, *latent_shape]`` (``K-1 >= 1``)."""
     noise = rng.randn_per_sample((max(num_steps - 1, 1), *latent_shape), seed=seed, iteration=iteration,
-                                 stream=stream, indices=indices, device=device)
+                                 stream=stream, indices=indices, device=device, dtype=dtype)
     return noise.transpose(0, 1)
 
 

@@ -85,11 +85,13 @@ class SiDTrainer:
         device: where draws and conditioning go (networks must already be there).
         real_source: real latents + cond for SiDA (``gan.mode="sida"``).
         rank, world_size: this process's rank and the number of ranks.
+        dtype: of the draws ``z``, ``eps``, ``t`` (float32; float64 for exact tests).
     """
 
     def __init__(self, teacher: Denoiser, fake: Denoiser, generator: Denoiser, conds: CondSource,
                  latent_shape: Sequence[int], config: SiDConfig, device: torch.device | str = "cpu", *,
-                 real_source: RealSource | None = None, rank: int = 0, world_size: int = 1) -> None:
+                 real_source: RealSource | None = None, rank: int = 0, world_size: int = 1,
+                 dtype: torch.dtype = torch.float32) -> None:
         tc = config.train
         if tc.batch % (world_size * tc.batch_gpu):
             raise ConfigError(f"train.batch={tc.batch} must be a multiple of world_size*train.batch_gpu="
@@ -99,7 +101,7 @@ class SiDTrainer:
         self.teacher, self.fake, self.generator = teacher, fake, generator
         self.conds, self.real_source, self.config = conds, real_source, config
         self.latent_shape, self.device = tuple(latent_shape), torch.device(device)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.dtype = rank, world_size, dtype
         self.batch_rank = tc.batch // world_size            # spec's batch_gpu_total
         self.rounds = self.batch_rank // tc.batch_gpu       # R
         self.latent_numel = math.prod(self.latent_shape)
@@ -139,7 +141,7 @@ class SiDTrainer:
         """All random inputs of one micro-batch of ``phase`` ("fake" or "gen")."""
         idx, seed, dev = self.sample_indices(round_idx), self.config.train.seed, self.device
         lc, gc = self.config.loss, self.config.generator
-        keyed = dict(seed=seed, iteration=iteration, indices=idx, device=dev)
+        keyed = dict(seed=seed, iteration=iteration, indices=idx, device=dev, dtype=self.dtype)
         cond = self.conds.sample(seed=seed, iteration=iteration, stream=phase, indices=idx).to(dev)
         fresh = None
         if gc.noise_type == "fresh" and gc.num_steps > 1:

@@ -35,11 +35,12 @@ class MLPDenoiser(nn.Module):
 
     def velocity(self, x_t: Tensor, t: Tensor, cond: Cond, *, features: bool = False
                  ) -> Tensor | tuple[Tensor, Tensor]:
-        x = x_t.reshape(x_t.shape[0], -1).float()
-        ang = t.float()[:, None] * self.freqs
+        dtype = self.freqs.dtype  # the weights' dtype (float32, or float64 in exact tests)
+        x = x_t.reshape(x_t.shape[0], -1).to(dtype)
+        ang = t.to(dtype)[:, None] * self.freqs
         h = self.body[0](torch.cat([x, torch.sin(ang), torch.cos(ang)], 1)) + self.embed(cond["label"])
         h = self.body[1:](h)
-        v = self.out(h).reshape(x_t.shape)
+        v = self.out(h).reshape(x_t.shape).to(torch.promote_types(dtype, torch.float32))
         return (v, h) if features else v
 
 

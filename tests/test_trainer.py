@@ -1,0 +1,234 @@
+"""SiDTrainer: the SiD gradient end to end with linear denoisers, accumulation, keyed draws, guards."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sidflow.config import (
+    GANConfig,
+    GeneratorConfig,
+    GuidanceConfig,
+    LossConfig,
+    OptimConfig,
+    SiDConfig,
+    TrainConfig,
+)
+from sidflow.denoiser import Cond
+from sidflow.errors import ConfigError, NonFiniteError
+from sidflow.toy import GMMCondSource, GMMDenoiser, MLPDenoiser, make_mixture
+from sidflow.trainer import SiDTrainer
+
+D64 = torch.float64
+DIM = 3
+
+
+class LinearX0(nn.Module):
+    """x0 = A_c x_t + b_c for label 1 (cond), A_u x_t + b_u for label 0 (uncond); v = (x_t - x0)/t."""
+
+    def __init__(self, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.A = nn.Parameter(torch.randn(2, DIM, DIM, generator=g, dtype=D64) * 0.4)
+        self.b = nn.Parameter(torch.randn(2, DIM, generator=g, dtype=D64))
+
+    def x0(self, x_t, labels):
+        return torch.einsum("bij,bj->bi", self.A[labels], x_t) + self.b[labels]
+
+    def velocity(self, x_t, t, cond, *, features=False):
+        return (x_t - self.x0(x_t, cond["label"])) / t.view(-1, 1)
+
+
+class ConstGenerator(nn.Module):
+    """Outputs x0 = P whatever its input: x_g = P after one step."""
+
+    def __init__(self):
+        super().__init__()
+        self.P = nn.Parameter(torch.tensor([0.3, -1.2, 0.7], dtype=D64))
+
+    def velocity(self, x_t, t, cond, *, features=False):
+        return (x_t - self.P) / t.view(-1, 1)
+
+
+class OnesSource:
+    """Every sample conditional (label 1); uncond is label 0."""
+
+    def sample(self, *, seed, iteration, stream, indices):
+        return Cond({"label": torch.ones(len(indices), dtype=torch.long)})
+
+    def uncond(self, n):
+        return Cond({"label": torch.zeros(n, dtype=torch.long)})
+
+
+def _config(batch=4, batch_gpu=2, k2=2.0, k3=None, k4=3.0, alpha=1.0, **train):
+    return SiDConfig(generator=GeneratorConfig(num_steps=1), loss=LossConfig(alpha=alpha),
+                     guidance=GuidanceConfig(kappa1=1.5, kappa2=k2, kappa3=k3, kappa4=k4),
+                     train=TrainConfig(batch=batch, batch_gpu=batch_gpu, seed=7, **train))
+
+
+def _guided_A(net, kappa):
+    """CFG of a linear x0-predictor is linear: A_u + kappa (A_c - A_u), same for b."""
+    A, b = net.A.detach(), net.b.detach()
+    return A[0] + kappa * (A[1] - A[0]), b[0] + kappa * (b[1] - b[0])
+
+
+@pytest.mark.parametrize("k3,alpha", [(None, 1.0), (1.0, 1.0), (None, 1.2)])
+def test_generator_gradient_matches_hand_formula(k3, alpha):
+    teacher, fake, gen = LinearX0(1), LinearX0(2), ConstGenerator()
+    cfg = _config(k3=k3, alpha=alpha)
+    tr = SiDTrainer(teacher, fake, gen, OnesSource(), (DIM,), cfg, dtype=D64)
+    tr.generator_phase(0, step=False)
+    A_T, b_T = _guided_A(teacher, 3.0)
+    A_F, b_F = _guided_A(fake, 2.0)
+    A_F3, b_F3 = _guided_A(fake, cfg.guidance.kappa3_value)
+    x_g, eye = gen.P.detach(), torch.eye(DIM, dtype=D64)
+    expected = torch.zeros(DIM, dtype=D64)
+    for r in range(tr.rounds):
+        d = tr.draw("gen", 0, r)
+        for i in range(len(d.indices)):
+            t, s = float(d.t[i]), 1 - float(d.t[i])
+            x_t = s * x_g + t * d.eps[i]
+            y_r, y_f, y_f3 = A_T @ x_t + b_T, A_F @ x_t + b_F, A_F3 @ x_t + b_F3
+            # l = dd . ee * w with dd = y_r - y_f, ee = (y_r - x_g) - alpha (y_r - y_f3); w = 1 - t
+            dd, ee = y_r - y_f, (y_r - x_g) - alpha * (y_r - y_f3)
+            J_dd, J_ee = s * (A_T - A_F), s * A_T - eye - alpha * s * (A_T - A_F3)
+            expected += cfg.loss.lsg / tr.batch_rank * s * (J_dd.T @ ee + J_ee.T @ dd)
+    assert torch.allclose(gen.P.grad, expected, atol=1e-10, rtol=0)
+    assert teacher.A.grad is None and fake.A.grad is None and fake.b.grad is None
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_detached_prediction_would_fail_the_gradient_check(monkeypatch):
+    import sidflow.trainer as trainer_mod
+
+    teacher, fake, gen = LinearX0(1), LinearX0(2), ConstGenerator()
+    tr = SiDTrainer(teacher, fake, gen, OnesSource(), (DIM,), _config(), dtype=D64)
+    tr.generator_phase(0, step=False)
+    good = gen.P.grad.clone()
+    orig = trainer_mod.guided_x0
+    monkeypatch.setattr(trainer_mod, "guided_x0", lambda *a, **k: orig(*a, **k).detach())
+    gen.P.grad = None
+    tr.generator_phase(0, step=False)
+    assert (gen.P.grad - good).abs().max() > 1e-3
+
+
+def _mlp_trainer(batch_gpu, *, rank=0, world_size=1, num_steps=3, real_source=None, **overrides):
+    torch.manual_seed(0)
+    mix = make_mixture("2d")
+    mlp = MLPDenoiser((2,), 4, hidden=16, depth=2).double()
+    sections = dict(generator=GeneratorConfig(num_steps=num_steps),
+                    guidance=GuidanceConfig(kappa1=2.0, kappa2=2.0, kappa4=2.5),
+                    optim=OptimConfig(lr=1e-3, glr=1e-3),
+                    train=TrainConfig(batch=8, batch_gpu=batch_gpu, seed=3))
+    cfg = SiDConfig(**{**sections, **overrides})
+    return SiDTrainer(GMMDenoiser(mix), copy.deepcopy(mlp), copy.deepcopy(mlp), GMMCondSource(4), (2,), cfg,
+                      rank=rank, world_size=world_size, dtype=D64, real_source=real_source)
+
+
+def test_accumulation_rounds_equal_one_big_round():
+    small, big = _mlp_trainer(2), _mlp_trainer(8)
+    assert (small.rounds, big.rounds) == (4, 1)
+    for it in range(2):  # k differs per iteration; both phases, then the generator grads
+        ms, mb = small.fake_phase(it), big.fake_phase(it)
+        assert ms["loss_fake"] == pytest.approx(mb["loss_fake"], rel=1e-12)
+        for ps, pb in zip(small.fake.parameters(), big.fake.parameters(), strict=True):
+            assert torch.allclose(ps, pb, atol=1e-12)
+        small.generator_phase(it, step=False)
+        big.generator_phase(it, step=False)
+        for ps, pb in zip(small.generator.parameters(), big.generator.parameters(), strict=True):
+            assert torch.allclose(ps.grad, pb.grad, atol=1e-11, rtol=1e-9)
+
+
+def test_draws_do_not_depend_on_micro_batch_or_rank():
+    a, b = _mlp_trainer(2), _mlp_trainer(4)
+    r1 = _mlp_trainer(2, rank=1, world_size=2)
+    da = [a.draw("gen", 5, r) for r in range(4)]
+    db = [b.draw("gen", 5, r) for r in range(2)]
+    d1 = [r1.draw("gen", 5, r) for r in range(2)]
+    for field in ("z", "eps", "t", "fresh"):
+        cat = lambda ds, f=field: torch.cat([getattr(d, f) for d in ds], dim=1 if f == "fresh" else 0)  # noqa: E731
+        assert torch.equal(cat(da), cat(db))
+        assert torch.equal(cat(da[2:]), cat(d1))  # rank 1 of 2 holds global samples 4..7
+    assert torch.equal(torch.cat([d.cond["label"] for d in da]), torch.cat([d.cond["label"] for d in db]))
+    assert a.k_for(5) == r1.k_for(5)
+    assert not torch.equal(a.draw("fake", 5, 0).eps, da[0].eps)  # phases draw independently
+
+
+def test_step_metrics_requires_grad_and_frozen_teacher():
+    tr = _mlp_trainer(4)
+    teacher_before = [p.clone() for p in tr.teacher.parameters()]
+    m = tr.step()
+    assert {"loss_fake", "loss_gen", "k", "nonfinite_fake", "nonfinite_gen", "images_per_s"} <= set(m)
+    assert tr.iteration == 1 and tr.images_seen == 8
+    tr.generator_phase(1, step=False)
+    assert all(p.grad is None for p in tr.fake.parameters())
+    assert all(p.grad is not None for p in tr.generator.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, tr.teacher.parameters(), strict=True))
+
+
+class NaNOnLabel(nn.Module):
+    """Wraps a denoiser and returns NaN velocity for samples of one label."""
+
+    def __init__(self, inner, label):
+        super().__init__()
+        self.inner, self.label = inner, label
+
+    def velocity(self, x_t, t, cond, *, features=False):
+        v = self.inner.velocity(x_t, t, cond)
+        bad = (cond["label"] == self.label).view(-1, 1)
+        return torch.where(bad, torch.full_like(v, float("nan")), v)
+
+
+def test_nonfinite_samples_are_counted_then_abort():
+    tr = _mlp_trainer(8, train=TrainConfig(batch=8, batch_gpu=8, seed=3, max_nonfinite_frac=1.0))
+    tr.teacher = NaNOnLabel(tr.teacher, label=0)
+    labels = tr.draw("gen", 0, 0).cond["label"]
+    m = tr.generator_phase(0)
+    assert m["nonfinite_gen"] == int((labels == 0).sum()) > 0
+    assert all(torch.isfinite(p).all() for p in tr.generator.parameters())
+    strict = _mlp_trainer(8, train=TrainConfig(batch=8, batch_gpu=8, seed=3, max_nonfinite_frac=0.0))
+    strict.teacher = NaNOnLabel(strict.teacher, label=0)
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        strict.generator_phase(0)
+
+
+def test_bad_batch_split_is_a_config_error():
+    with pytest.raises(ConfigError, match="multiple"):
+        _mlp_trainer(4, world_size=3)
+
+
+class RealGMM:
+    def __init__(self, mixture):
+        self.mixture = mixture
+
+    def sample(self, *, seed, iteration, stream, indices):
+        g = torch.Generator().manual_seed(seed * 1000 + iteration)
+        labels = torch.randint(4, (len(indices),), generator=g)
+        x, _ = self.mixture.sample(labels, g)
+        return x.double(), Cond({"label": labels})
+
+
+def test_sida_warmup_then_mixed_loss_runs():
+    gan = GANConfig(mode="sida", warmup_kimg=0.008, mix_kimg=0.016)
+    with pytest.raises(ConfigError, match="real_source"):
+        _mlp_trainer(8, gan=gan)
+    tr = _mlp_trainer(8, gan=gan, real_source=RealGMM(make_mixture("2d")))
+    before = [p.clone() for p in tr.generator.parameters()]
+    m0 = tr.step()  # images_seen 0 <= 8: warm-up, generator untouched
+    assert m0["gen_updated"] == 0 and all(torch.equal(a, b) for a, b in zip(before, tr.generator.parameters(),
+                                                                              strict=True))
+    tr.step()
+    m2 = tr.step()  # images_seen 16 > mix: 0.5 SiD + 0.5 adversarial
+    assert m2["gen_updated"] == 1 and torch.isfinite(torch.tensor([m2["loss_gen"], m2["loss_fake"]])).all()
+
+
+def test_ema_tracks_generator():
+    tr = _mlp_trainer(8, train=TrainConfig(batch=8, batch_gpu=8, seed=3, ema_halflife_kimg=0.008))
+    tr.step()
+    beta = 0.5  # half-life of exactly one batch
+    name, p = next(iter(tr.generator.named_parameters()))
+    assert tr.ema[name].shape == p.shape and not torch.equal(tr.ema[name], p.detach())
+    assert beta == 0.5 ** (8 / 8)
