@@ -265,6 +265,13 @@ class TeacherBase:
         return [m for m in (getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2",
                                                                     "text_encoder_3")) if m is not None]
 
+    def encoder_settings(self) -> dict:
+        """What determines a prompt's embeddings (keys the on-disk embedding cache)."""
+        return {"teacher": self.name, "family": self.family,
+                "text_encoder_dtype": sorted({str(next(m.parameters()).dtype) for m in self.text_encoders()}),
+                "max_sequence_length": getattr(self, "max_sequence_length", None),
+                "complex_human_instruction": getattr(self, "complex_human_instruction", None)}
+
     def move_text_encoders(self, device: torch.device | str) -> None:
         """Park the text encoders (e.g. on CPU once every prompt is cached)."""
         for module in self.text_encoders():
