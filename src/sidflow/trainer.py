@@ -359,7 +359,7 @@ class SiDTrainer:
             prefix = f"{name}/"
             module.load_state_dict({k[len(prefix):]: v for k, v in theirs.items() if k.startswith(prefix)})
         if self.ema is not None:
-            self.ema = {k[4:]: v.clone() for k, v in theirs.items() if k.startswith("ema/")}
+            self.ema = {k: theirs[f"ema/{k}"].clone() for k in self.ema}
         for name, opt in (("optim_fake", self.opt_fake), ("optim_gen", self.opt_gen)):
             groups = [dict(g, betas=tuple(g["betas"])) for g in scalars[name]["param_groups"]]
             state_t: dict[int, dict[str, Tensor]] = {}

@@ -1,0 +1,102 @@
+"""Checkpoints as data: safetensors for tensors, JSON for scalars and the config; never pickle.
+
+A checkpoint is a directory ``<run_dir>/checkpoints/step-XXXXXXXX/`` holding
+
+* ``tensors.safetensors``: the trainer's flat tensor dict (networks, EMA, optimiser states);
+* ``state.json``: ``{"format": 1, "step": ..., "scalars": {...}, "config": {...}, "shapes": {...}}``.
+
+It is written to a temporary sibling directory and moved into place with ``os.replace``, so a crash
+never leaves a half-written checkpoint under the final name (spec 11, style guideline 13).
+Loading checks that both files exist and parse and that every tensor listed in ``state.json`` is in
+the safetensors file with that shape; anything else raises a one-line :class:`CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from sidflow.errors import CheckpointError
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_dir"]
+
+FORMAT = 1
+TENSORS, STATE = "tensors.safetensors", "state.json"
+_NAME = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any],
+                    config: dict[str, Any] | None = None) -> Path:
+    """Atomically write ``state`` (``{"tensors": {...}, "scalars": {...}}``) as checkpoint ``step``.
+
+    Returns the final directory. An existing checkpoint of the same step is replaced.
+    """
+    final = checkpoint_dir(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state["tensors"].items()}
+    meta = {"format": FORMAT, "step": step, "scalars": state["scalars"], "config": config or {},
+            "shapes": {k: list(v.shape) for k, v in tensors.items()}}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        save_file(tensors, str(tmp / TENSORS))
+        (tmp / STATE).write_text(json.dumps(meta, indent=1))
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[dict[str, Any], dict]:
+    """Read a checkpoint directory; returns ``(state, config_dict)`` with ``state`` as saved."""
+    path = Path(path)
+    if not (path / STATE).is_file() or not (path / TENSORS).is_file():
+        raise CheckpointError(f"{path} is not a sidflow checkpoint (needs {STATE} and {TENSORS}); "
+                              "pass a step-XXXXXXXX directory or a run dir")
+    try:
+        meta = json.loads((path / STATE).read_text())
+        tensors = load_file(str(path / TENSORS), device=str(device))
+    except (json.JSONDecodeError, SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is corrupt ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); delete it and resume from "
+                              "an earlier one") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {meta.get('format')}, expected {FORMAT}")
+    shapes = meta.get("shapes", {})
+    missing = sorted(set(shapes) ^ set(tensors))
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is inconsistent: tensors {missing[:3]} are missing or "
+                              "unexpected; delete it and resume from an earlier one")
+    for key, shape in shapes.items():
+        if list(tensors[key].shape) != shape:
+            raise CheckpointError(f"checkpoint {path}: tensor {key} has shape {list(tensors[key].shape)}, "
+                                  f"state.json says {shape}")
+    return {"tensors": tensors, "scalars": meta["scalars"], "step": meta["step"]}, meta.get("config", {})
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The highest-step complete checkpoint under ``run_dir/checkpoints`` (None if there is none)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    found = [(s, p) for s, p in found if (p / STATE).is_file() and (p / TENSORS).is_file()]
+    return max(found)[1] if found else None
