@@ -4,7 +4,8 @@ Each family file (``sd3.py``, ``flux.py``, ``sana.py``) is self-contained; this 
 what is literally identical between them:
 
 * :class:`TransformerDenoiser`, the ``nn.Module`` base that *wraps* (never subclasses) a diffusers
-  transformer and owns the dtype policy (fp32 in and out, the model's dtype inside) and the pooled
+  transformer and owns the dtype policy (fp32 in and out, the model's dtype inside; fp64 models
+  return fp64 so that exactness tests can run in double precision) and the pooled
   final-norm features of spec 7.1 (image tokens after ``norm_out``, before ``proj_out``, averaged
   over tokens; captured by a forward hook on ``norm_out`` so diffusers' own forward is reused);
 * :func:`three_networks`, spec 2: frozen teacher psi, trainable fake score phi, trainable generator
@@ -66,23 +67,26 @@ class TransformerDenoiser(nn.Module):
             features: also return the pooled final-norm features ``[B, C_inner]`` (spec 7.1).
 
         Returns:
-            fp32 ``v`` shaped like ``x_t``, or ``(v, features)`` (features fp32).
+            fp32 ``v`` shaped like ``x_t``, or ``(v, features)`` (features fp32); fp64 when the
+            model itself is fp64 (exactness tests).
         """
         if t.ndim != 1 or t.shape[0] != x_t.shape[0]:
             raise ValueError(f"t must have shape [B]={[x_t.shape[0]]}, got {list(t.shape)}")
         if len(cond) != x_t.shape[0]:
             raise ValueError(f"cond has batch {len(cond)} but x_t has {x_t.shape[0]}")
         dtype = self.model_dtype
+        out_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # fp64 only for exact tests
         cond = cond.to(x_t.device, dtype)  # precision cast: float conds to the model dtype
+        t = t.to(out_dtype)
         if not features:
-            return self._forward(x_t.to(dtype), t.float(), cond).float()
+            return self._forward(x_t.to(dtype), t, cond).to(out_dtype)
         captured: list[Tensor] = []
         hook = self.transformer.norm_out.register_forward_hook(lambda _m, _i, out: captured.append(out))
         try:
-            v = self._forward(x_t.to(dtype), t.float(), cond).float()
+            v = self._forward(x_t.to(dtype), t, cond).to(out_dtype)
         finally:
             hook.remove()
-        return v, captured[-1].float().mean(dim=1)
+        return v, captured[-1].to(out_dtype).mean(dim=1)
 
 
 def three_networks(teacher: TransformerDenoiser, trainable_copies: bool = True,
