@@ -272,3 +272,20 @@ def get_preset(name: str) -> SiDConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]
+
+
+def _gmm(kind: str, num_steps: int, kappa: float, max_steps: int) -> SiDConfig:
+    """The analytic Gaussian-mixture distillation (issue 2's end-to-end proof), tuned for 1 CPU thread."""
+    return SiDConfig(
+        teacher=TeacherConfig(kind="gmm", path=kind),
+        generator=GeneratorConfig(num_steps=num_steps),
+        guidance=GuidanceConfig(kappa1=kappa, kappa2=kappa, kappa4=kappa),
+        optim=OptimConfig(lr=1e-3, glr=1e-3),
+        train=TrainConfig(batch=128, batch_gpu=128, max_steps=max_steps, log_every=100, ckpt_every=0,
+                          ema_halflife_kimg=10.0))
+
+
+register_preset("gmm-2d", _gmm("2d", 4, 1.0, 1600))
+register_preset("gmm-2d-1step", _gmm("2d", 1, 1.0, 1600))
+register_preset("gmm-2d-cfg3", _gmm("2d", 1, 3.0, 800))
+register_preset("gmm-image", _gmm("image", 4, 1.0, 800))

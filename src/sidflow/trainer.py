@@ -369,3 +369,11 @@ class SiDTrainer:
             opt.load_state_dict({"state": state_t, "param_groups": groups})
         self.iteration, self.images_seen = int(scalars["iteration"]), int(scalars["images_seen"])
         self.nonfinite_total = dict(scalars["nonfinite_total"])
+
+
+def generator_state_dict(trainer: SiDTrainer, *, ema: bool = True) -> dict[str, Tensor]:
+    """The generator's state dict, with EMA parameters substituted when EMA is on and ``ema``."""
+    state = dict(trainer.generator.state_dict())
+    if ema and trainer.ema is not None:
+        state.update(trainer.ema)
+    return {k: v.detach().clone() for k, v in state.items()}

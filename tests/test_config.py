@@ -1,0 +1,105 @@
+"""sidflow.config: typed frozen sections, presets, dotted overrides and one-line errors; distill CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from sidflow.commands import distill
+from sidflow.config import (
+    PRESETS,
+    GuidanceConfig,
+    OptimConfig,
+    SiDConfig,
+    apply_overrides,
+    from_json,
+    get_preset,
+    register_preset,
+    to_json,
+)
+from sidflow.errors import ConfigError
+
+
+def test_defaults_follow_the_spec():
+    c = SiDConfig()
+    assert c.optim.betas == (0.0, 0.999) and all(isinstance(b, float) for b in c.optim.betas)
+    assert (c.loss.alpha, c.loss.weighting, c.loss.lsg, c.loss.ls) == (1.0, "1_minus_sigma", 100.0, 1.0)
+    assert (c.generator.num_steps, c.generator.t_init, c.generator.noise_type) == (4, 1.0, "fresh")
+    assert c.guidance.kappa3 is None and c.guidance.kappa3_value == c.guidance.kappa2
+    assert c.guidance.embedded_teacher is None and c.guidance.embedded_generator == 1.0
+    assert OptimConfig(betas=(0, 0.999)).betas == (0.0, 0.999)  # ints become floats
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.loss.alpha = 2.0  # type: ignore[misc]
+
+
+def test_overrides_are_typed():
+    c = apply_overrides(SiDConfig(), ["loss.alpha=1.2", "--generator.noise_type=ddim", "guidance.kappa3=2",
+                                      "guidance.embedded_teacher=3.5", "guidance.embedded_generator=none",
+                                      "optim.betas=0.0,0.99", "train.total_kimg=2.5", "generator.shift=3"])
+    assert c.loss.alpha == 1.2 and c.generator.noise_type == "ddim" and c.guidance.kappa3 == 2.0
+    assert c.guidance.embedded_teacher == 3.5 and c.guidance.embedded_generator is None
+    assert c.optim.betas == (0.0, 0.99) and c.train.total_kimg == 2.5 and c.generator.shift == 3.0
+    assert c.train.num_steps() == -(-2500 // c.train.batch)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("loss.weighting=edm", "choose one of: 1_minus_sigma"),
+    ("loss.alpah=1", "unknown key 'loss.alpah'; valid keys of loss: alpha"),
+    ("losses.alpha=1", "unknown config section 'losses'"),
+    ("generator.num_steps=2.5", "expected int"),
+    ("generator.noise_type=sde", "fresh, fixed, ddim"),
+    ("train.batch=100", "multiple of train.batch_gpu"),
+    ("loss.alpha", "section.key=value"),
+    ("optim.betas=0.9", "needs 2"),
+])
+def test_bad_overrides_give_one_line_errors(override, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        apply_overrides(SiDConfig(), [override])
+    assert "\n" not in str(err.value)
+
+
+def test_json_round_trip_and_unknown_keys():
+    c = apply_overrides(SiDConfig(), ["guidance.kappa1=3", "gan.mode=sida"])
+    assert from_json(to_json(c)) == c
+    data = json.loads(to_json(c))
+    data["loss"]["bogus"] = 1
+    with pytest.raises(ConfigError, match="loss.bogus"):
+        from_json(json.dumps(data))
+    with pytest.raises(ConfigError, match="malformed"):
+        from_json("{")
+
+
+def test_presets_registry():
+    assert distill.DEFAULT_PRESET in PRESETS
+    register_preset("test-only", SiDConfig(guidance=GuidanceConfig(kappa1=2.0)))
+    try:
+        assert get_preset("test-only").name == "test-only"
+        with pytest.raises(ConfigError, match="already registered"):
+            register_preset("test-only", SiDConfig())
+    finally:
+        PRESETS.pop("test-only")
+    with pytest.raises(ConfigError, match="unknown preset"):
+        get_preset("nope")
+
+
+def test_distill_dry_run_prints_resolved_config(capsys):
+    assert distill.main(["--dry-run", "loss.alpha=1.5", "--guidance.kappa4=2"]) == 0
+    printed = from_json(capsys.readouterr().out)
+    assert printed.loss.alpha == 1.5 and printed.guidance.kappa4 == 2.0
+    assert printed.name == distill.DEFAULT_PRESET
+
+
+def test_distill_unknown_runner_and_registration(tmp_path):
+    with pytest.raises(ConfigError, match="no runner"):
+        distill.main(["--run-dir", str(tmp_path), "teacher.kind=nothing"])
+    seen = {}
+    distill.register_runner("fake-kind", lambda cfg, run_dir: seen.setdefault("m", {"ok": cfg.loss.alpha}))
+    try:
+        assert distill.main(["--run-dir", str(tmp_path), "teacher.kind=fake-kind", "loss.alpha=2"]) == 0
+    finally:
+        distill.RUNNERS.pop("fake-kind")
+    assert seen["m"] == {"ok": 2.0}
+    assert from_json((tmp_path / "config.json").read_text()).loss.alpha == 2.0
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"ok": 2.0}
