@@ -21,7 +21,7 @@ from typing import Any, Literal
 from sidflow.errors import ConfigError
 
 __all__ = ["TeacherConfig", "GeneratorConfig", "LossConfig", "GuidanceConfig", "OptimConfig",
-           "TrainConfig", "GANConfig", "SiDConfig", "PRESETS", "register_preset", "get_preset",
+           "TrainConfig", "GANConfig", "DataConfig", "EvalConfig", "SiDConfig", "PRESETS", "register_preset", "get_preset",
            "apply_overrides", "to_json", "from_json", "to_dict", "from_dict"]
 
 Weighting = Literal["1_minus_sigma", "1_minus_sigma_squared", "1_over_sigma", "1_over_sigma2",
@@ -42,6 +42,9 @@ class TeacherConfig:
     kind: str = "gmm"              # runner key in sidflow.commands.distill.RUNNERS ("gmm", ...)
     path: str = "2d"               # gmm: "2d" | "image"; pipelines: a folder or hub id
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"   # weights of teacher/fake/generator
+    time_scale: float | None = None           # transformer time input = time_scale * t; None = family default
+    max_sequence_length: int | None = None    # text tokens (SD3 T5 77, FLUX 512, SANA 300); None = default
+    gradient_checkpointing: Literal["off", "on"] = "off"   # on fake score and generator (not the teacher)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -144,6 +147,30 @@ class GANConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    prompts: str = ""              # prompt file (one per line) or "builtin:digits" (bundled teacher)
+    resolution: int = 512          # image resolution; latents are resolution / VAE factor
+    cache_dir: str | None = None   # on-disk prompt-embedding cache (sharded safetensors); None = memory only
+    cache_size: int = 4096         # prompts kept in the in-memory LRU
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    kind: Literal["none", "digits"] = "none"   # "digits": the bundled evaluator (FID + prompt accuracy)
+    every_kimg: float = 0.0        # evaluate every this many thousand training images; 0 = only at the end
+    num_samples: int = 1000        # samples per figure (100 per class for "digits")
+    student_steps: tuple[int, ...] = (1, 4)   # generator step counts scored at each evaluation
+    teacher_grid_steps: tuple[int, ...] = (4, 32)   # teacher rows of the sample grid
+    grid_size: int = 20            # images per row of the sample grids
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+@dataclass(frozen=True)
 class SiDConfig:
     name: str = "custom"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -153,6 +180,8 @@ class SiDConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     gan: GANConfig = field(default_factory=GANConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ---- (de)serialisation and overrides ----------------------------------------------------------
@@ -180,6 +209,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{key}={value!r} is not valid; expected {_choices(tp)}")
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]: any length
+        parts = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(_coerce(args[0], p, key) for p in parts if p != "")
     if origin is tuple:
         parts = value.split(",") if isinstance(value, str) else list(value)
         if len(parts) != len(args):
