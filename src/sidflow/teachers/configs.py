@@ -1,0 +1,79 @@
+"""Teacher architectures without weights: shipped public configs and meta-device models.
+
+The public component configs of the supported teachers ship with sidflow
+(``sidflow/configs/teachers/*.json``: family, pipeline class, hub ids, time scale and every
+component's ``(library, class, config)``), so ``sidflow info`` works offline for a hub id. A local
+pipeline folder is described from its own ``model_index.json`` and ``*/config.json`` files. Models
+are instantiated on the ``meta`` device: shapes and parameter counts, no memory, no weights.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sidflow.errors import TeacherLoadError
+
+__all__ = ["TeacherSpec", "shipped_specs", "shipped_config", "spec_from_folder", "meta_model", "count_params"]
+
+TeacherSpec = dict  # {"name", "family", "pipeline", "hub_ids", "time_scale", "settings", "components"}
+MODEL_KEYS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def shipped_specs() -> dict[str, TeacherSpec]:
+    """Every shipped teacher spec, by file stem (e.g. ``"sd3-medium"``)."""
+    folder = resources.files("sidflow") / "configs" / "teachers"
+    return {Path(entry.name).stem: json.loads(entry.read_text())
+            for entry in folder.iterdir() if entry.name.endswith(".json")}
+
+
+def shipped_config(hub_id_or_stem: str) -> TeacherSpec | None:
+    """The shipped spec of a hub id (case-insensitive) or file stem, or None."""
+    key = hub_id_or_stem.strip().lower()
+    for stem, spec in shipped_specs().items():
+        if key == stem or key in (h.lower() for h in spec["hub_ids"]):
+            return spec
+    return None
+
+
+def spec_from_folder(folder: Path, family: str, time_scale: float) -> TeacherSpec:
+    """A spec read from a local pipeline folder's ``model_index.json`` and component configs."""
+    from sidflow.teachers.base import read_model_index
+
+    index = read_model_index(folder)
+    components = {}
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            continue
+        config_path = folder / name / ("scheduler_config.json" if name == "scheduler" else "config.json")
+        if name in MODEL_KEYS or name == "scheduler":
+            if not config_path.is_file():
+                raise TeacherLoadError(f"{folder} lacks {name}/{config_path.name}; re-save the pipeline")
+            components[name] = [entry[0], entry[1], json.loads(config_path.read_text())]
+    return {"name": str(folder), "family": family, "pipeline": index.get("_class_name", "?"),
+            "hub_ids": [], "time_scale": time_scale, "settings": {}, "components": components}
+
+
+def meta_model(library: str, class_name: str, config: dict) -> nn.Module:
+    """Instantiate a diffusers or transformers model on the meta device (no weights, no memory)."""
+    import diffusers
+    import transformers
+
+    module = diffusers if library == "diffusers" else transformers
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise TeacherLoadError(f"{library} has no class {class_name}; upgrade {library} or fix the config")
+    clean = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        if library == "diffusers":
+            return cls.from_config(clean)
+        return cls(cls.config_class(**clean))
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (shared tensors counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -1,0 +1,100 @@
+"""Loading: families detected from the folder, tiny pipelines round-trip, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import load_pipe
+
+from sidflow.cli import main as cli_main
+from sidflow.errors import TeacherLoadError
+from sidflow.teachers import load_teacher
+from sidflow.testing import FAMILIES, build_tiny_pipeline
+
+
+def _one_line(err) -> str:
+    text = str(err.value)
+    assert "\n" not in text and len(text) < 300
+    return text
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_pipelines_round_trip_offline(family, tiny, tmp_path):
+    pipe = load_pipe(tiny(family))
+    pipe.save_pretrained(tmp_path / "again")
+    again = load_pipe(tmp_path / "again")
+    before, after = pipe.transformer.state_dict(), again.transformer.state_dict()
+    for (name, p), (_, q) in zip(before.items(), after.items(), strict=True):
+        assert torch.equal(p, q), name
+    assert pipe.tokenizer("a red cat").input_ids == again.tokenizer("a red cat").input_ids
+    teacher = load_teacher(tiny(family))
+    assert teacher.family == family.replace("sd35", "sd3")
+    expected = 1.0 if family in ("flux", "sana_sprint") else 1000.0
+    assert teacher.denoiser.time_scale == expected
+
+
+def test_unknown_tiny_family(tmp_path):
+    with pytest.raises(ValueError, match="unknown tiny family"):
+        build_tiny_pipeline("sdxl", tmp_path)
+
+
+def test_not_a_pipeline_folder(tmp_path):
+    with pytest.raises(TeacherLoadError, match="not a diffusers pipeline folder") as err:
+        load_teacher(tmp_path)
+    _one_line(err)
+
+
+def test_unsupported_family(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(TeacherLoadError, match="not a supported teacher family") as err:
+        load_teacher(tmp_path)
+    _one_line(err)
+    with pytest.raises(TeacherLoadError, match="unsupported teacher family 'sdxl'") as err:
+        load_teacher(tmp_path, family="sdxl")
+    _one_line(err)
+
+
+def test_missing_component(tiny, tmp_path):
+    folder = shutil.copytree(tiny("sd3"), tmp_path / "broken")
+    shutil.rmtree(folder / "text_encoder_2")
+    with pytest.raises(TeacherLoadError, match="lacks the 'text_encoder_2' component") as err:
+        load_teacher(folder)
+    _one_line(err)
+
+
+def test_missing_path_and_unknown_offline_hub_id(tmp_path):
+    with pytest.raises(TeacherLoadError, match="does not exist") as err:
+        load_teacher(tmp_path / "nope")
+    _one_line(err)
+    with pytest.raises(TeacherLoadError, match="hub id someone/unknown-model") as err:
+        load_teacher("someone/unknown-model")
+    _one_line(err)
+
+
+def test_sprint_with_guidance_embedder_is_refused(tiny, tmp_path):
+    from diffusers import SanaTransformer2DModel
+
+    folder = shutil.copytree(tiny("sana_sprint"), tmp_path / "sprint-guided")
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    config = {k: v for k, v in config.items() if not k.startswith("_")} | {"guidance_embeds": True}
+    SanaTransformer2DModel.from_config(config).save_pretrained(folder / "transformer")
+    with pytest.raises(TeacherLoadError, match="guidance embedder") as err:
+        load_teacher(folder)
+    _one_line(err)
+
+
+def test_resolution_not_divisible_by_latent_patch(tiny):
+    teacher = load_teacher(tiny("flux"))
+    assert teacher.latent_shape(64) == (4, 32, 32)
+    with pytest.raises(TeacherLoadError, match="not divisible by 4") as err:
+        teacher.latent_shape(34)
+    _one_line(err)
+
+
+def test_cli_prints_one_line_error(tmp_path, capsys):
+    assert cli_main(["info", "--teacher", str(tmp_path / "missing-model")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sidflow info: error:") and "\n" not in err
