@@ -98,3 +98,30 @@ def test_cli_prints_one_line_error(tmp_path, capsys):
     assert cli_main(["info", "--teacher", str(tmp_path / "missing-model")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("sidflow info: error:") and "\n" not in err
+
+
+def test_known_hub_id_offline_fails_in_one_line():
+    with pytest.raises(TeacherLoadError, match="cannot load 'pipeline' of black-forest-labs/FLUX") as err:
+        load_teacher("black-forest-labs/FLUX.1-dev")
+    _one_line(err)
+
+
+def test_text_encoder_precision_is_a_setting(tiny):
+    teacher = load_teacher(tiny("sd3"), text_encoder_dtype=torch.bfloat16)
+    assert all(next(m.parameters()).dtype == torch.bfloat16 for m in teacher.text_encoders())
+    assert next(teacher.denoiser.parameters()).dtype == torch.float32
+    assert teacher.encode_prompts(["a cat"])["prompt_embeds"].dtype == torch.float32
+
+
+def test_gradient_checkpointing_keeps_gradients(tiny):
+    teacher = load_teacher(tiny("sd3"))
+    _, fake, _ = teacher.make_denoisers()
+    _, fake_ckpt, _ = teacher.make_denoisers(gradient_checkpointing=True)
+    assert fake_ckpt.transformer.is_gradient_checkpointing and not fake.transformer.is_gradient_checkpointing
+    x_t, t, cond = torch.randn(2, 4, 16, 16), torch.tensor([0.3, 0.6]), teacher.encode_prompts(["a", "b"])
+    grads = []
+    for net in (fake, fake_ckpt):
+        net.velocity(x_t, t, cond).square().sum().backward()
+        grads.append([p.grad for p in net.parameters()])
+    for g, h in zip(*grads, strict=True):
+        torch.testing.assert_close(g, h)

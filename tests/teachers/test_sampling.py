@@ -32,3 +32,15 @@ def test_euler_sampler_reproduces_pipeline(family_pair, num_steps, w):
                        teacher.encode_prompts(PROMPTS), teacher.uncond(2), w)
     assert ref.abs().max() > 0.1
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_sample_teacher_helper_matches_pipeline(tiny):
+    from sidflow.sampling import sample_teacher
+
+    path = tiny("sd3")
+    teacher, pipe = load_teacher(path), load_pipe(path)
+    ref = pipe(PROMPTS, height=32, width=32, num_inference_steps=2, guidance_scale=3.0, output_type="latent",
+               generator=torch.Generator().manual_seed(9), max_sequence_length=77).images
+    out = sample_teacher(teacher, PROMPTS, resolution=32, num_steps=2, guidance_scale=3.0,
+                         generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)

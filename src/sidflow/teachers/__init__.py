@@ -64,8 +64,9 @@ def _hub_index(repo_id: str) -> dict:
     from sidflow.teachers.configs import shipped_config
 
     shipped = shipped_config(repo_id)
-    if shipped is not None:
-        return {"_class_name": shipped["pipeline"]}
+    if shipped is not None:  # the family and time scale are facts of the shipped config
+        return {"_class_name": shipped["pipeline"], "_sidflow": {"family": shipped["family"],
+                                                                  "time_scale": shipped["time_scale"]}}
     try:
         from huggingface_hub import hf_hub_download
 
@@ -101,6 +102,7 @@ def load_teacher(path_or_id: str | Path, *, family: str | None = None, time_scal
         sidecar = json.loads(side.read_text()) if side.is_file() else None
     else:
         index = _hub_index(name)
+        sidecar = index.get("_sidflow")
     if family is None:
         family = detect_family(index, name, sidecar)
     if family not in FAMILIES:
