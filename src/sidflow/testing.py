@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["FAMILIES", "build_tiny_pipeline", "tiny_pipeline"]
+__all__ = ["FAMILIES", "build_tiny_pipeline", "tiny_pipeline", "load_pipeline"]
 
 FAMILIES = ("sd3", "sd35", "flux", "sana", "sana_sprint")
 _LETTERS = string.ascii_lowercase + string.digits + ".,!?'-:;()"
@@ -208,3 +208,12 @@ def tiny_pipeline(family: str, root: str | Path, seed: int = 0) -> Path:
     if key not in _CACHE or not (path / "model_index.json").exists():
         _CACHE[key] = build_tiny_pipeline(family, path, seed)
     return _CACHE[key]
+
+
+def load_pipeline(path: str | Path):
+    """The stock diffusers pipeline of a folder (its own class), progress bar off: the reference."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -26,11 +26,3 @@ def tiny(tiny_root):
 
     return lambda family: tiny_pipeline(family, tiny_root)
 
-
-def load_pipe(path):
-    """The reference: the stock diffusers pipeline of a folder, progress bar off."""
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(path)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_pipe
 
 from sidflow.guidance import with_embedded_guidance
 from sidflow.sampling import euler_sample
 from sidflow.teachers import load_teacher
 from sidflow.teachers.flux import image_ids, pack_latents, unpack_latents
+from sidflow.testing import load_pipeline as load_pipe
 
 PROMPTS = ["a red cat", "two dogs on a hill"]
 

@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 import torch
-from conftest import load_pipe
 
 from sidflow.cli import main as cli_main
 from sidflow.errors import TeacherLoadError
 from sidflow.teachers import load_teacher
 from sidflow.testing import FAMILIES, build_tiny_pipeline
+from sidflow.testing import load_pipeline as load_pipe
 
 
 def _one_line(err) -> str:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_pipe
 
 from sidflow.sampling import euler_sample
 from sidflow.teachers import load_teacher
+from sidflow.testing import load_pipeline as load_pipe
 
 PROMPTS = ["a red cat", "two dogs on a hill"]
 PIPE_KWARGS = {"sd3": {"max_sequence_length": 77}, "sd35": {"max_sequence_length": 77},

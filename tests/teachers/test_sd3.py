@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_pipe
 
 from sidflow.errors import TeacherLoadError
 from sidflow.teachers import load_teacher
+from sidflow.testing import load_pipeline as load_pipe
 
 PROMPTS = ["a red cat", "two dogs on a hill"]
 
