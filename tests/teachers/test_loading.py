@@ -125,3 +125,35 @@ def test_gradient_checkpointing_keeps_gradients(tiny):
         grads.append([p.grad for p in net.parameters()])
     for g, h in zip(*grads, strict=True):
         torch.testing.assert_close(g, h)
+
+
+def test_time_scale_name_rule_is_only_a_logged_fallback(caplog):
+    from sidflow.teachers.base import resolve_time_scale
+
+    assert resolve_time_scale(7.0, "x-sprint", 1000.0) == 7.0
+    assert resolve_time_scale(None, "x-sprint", 1000.0) == 1000.0 and not caplog.records
+    with caplog.at_level("WARNING"):
+        assert resolve_time_scale(None, "Sana_Sprint_1.6B_teacher", None) == 1.0
+        assert resolve_time_scale(None, "Sana_600M", None) == 1000.0
+    assert len(caplog.records) == 2 and "guessed" in caplog.records[0].getMessage()
+
+
+def test_sd3_without_t5(tiny):
+    from sidflow.teachers.sd3 import SD3Teacher
+
+    pipe = load_pipe(tiny("sd3"))
+    pipe.text_encoder_3, pipe.tokenizer_3 = None, None
+    cond = SD3Teacher(pipe).encode_prompts(["a cat"])
+    assert cond["prompt_embeds"].shape == (1, 154, 32)
+    assert not cond["prompt_embeds"][:, 77:].any() and cond["prompt_embeds"][:, :77].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_policy(tiny):
+    teacher = load_teacher(tiny("flux"), device="cuda", dtype=torch.bfloat16)
+    assert all(next(m.parameters()).dtype == torch.bfloat16 for m in teacher.text_encoders())
+    x_t = torch.randn(2, *teacher.latent_shape(32), device="cuda")
+    v, feats = teacher.denoiser.velocity(x_t, torch.tensor([0.3, 0.9], device="cuda"),
+                                         teacher.encode_prompts(["a", "b"]), features=True)
+    assert v.dtype == feats.dtype == torch.float32 and torch.isfinite(v).all()
