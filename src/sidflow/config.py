@@ -271,7 +271,8 @@ def from_json(text: str) -> SiDConfig:
 def apply_overrides(config: SiDConfig, overrides: list[str]) -> SiDConfig:
     """Apply ``section.key=value`` overrides (a leading ``--`` is allowed), type-checked."""
     hints = typing.get_type_hints(SiDConfig)
-    for item in overrides:
+    changes: dict[str, dict[str, Any]] = {}  # applied per section at the end, so that cross-field
+    for item in overrides:                   # checks (batch % batch_gpu) see every override at once
         text = item[2:] if item.startswith("--") else item
         key, sep, raw = text.partition("=")
         section, dot, name = key.partition(".")
@@ -284,8 +285,9 @@ def apply_overrides(config: SiDConfig, overrides: list[str]) -> SiDConfig:
         sec_hints = typing.get_type_hints(type(current))
         if name not in sec_hints:
             raise ConfigError(f"unknown key {key!r}; valid keys of {section}: {', '.join(sec_hints)}")
-        value = _coerce(sec_hints[name], raw, key)
-        config = dataclasses.replace(config, **{section: dataclasses.replace(current, **{name: value})})
+        changes.setdefault(section, {})[name] = _coerce(sec_hints[name], raw, key)
+    for section, values in changes.items():
+        config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **values)})
     return config
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import sidflow.presets  # noqa: F401  (registers the real-teacher presets and the bundled default)
 from sidflow.config import PRESETS, SiDConfig, apply_overrides, get_preset, to_json
 from sidflow.errors import ConfigError
 
@@ -35,7 +36,20 @@ def _run_gmm(config: SiDConfig, run_dir: Path) -> dict[str, Any]:
     return metrics
 
 
-RUNNERS: dict[str, Runner] = {"gmm": _run_gmm}
+def _run_pipeline(config: SiDConfig, run_dir: Path) -> dict[str, Any]:
+    from sidflow.pipeline_runner import run_pipeline  # lazy: diffusers
+
+    result = run_pipeline(config, run_dir, progress=True)
+    final = result.get("final", {})
+    for key in (k for k in final if k.startswith("fid_")):
+        steps = key.removeprefix("fid_")
+        print(f"student {steps}: FID {final[key]:.1f}, prompt accuracy {final['acc_' + steps]:.3f}")
+    print(f"run folder: {run_dir} (report.md, samples.png, metrics.json); "
+          f"{result['wall_seconds'] / 60:.1f} min")
+    return result
+
+
+RUNNERS: dict[str, Runner] = {"gmm": _run_gmm, "pipeline": _run_pipeline}
 
 
 def register_runner(kind: str, runner: Runner, *, replace: bool = False) -> None:
