@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from sidflow import cli
 from sidflow.commands import distill
 from sidflow.pipeline_runner import load_run_generator, sample_run
 from sidflow.testing import tiny_pipeline
@@ -47,6 +48,10 @@ def test_short_pipeline_run_writes_a_complete_run_folder(tmp_path):
 
     images = sample_run(run, ["a red cube", "a blue ball"], steps=2)
     assert images.shape[0] == 2 and torch.isfinite(images).all()
+    out = tmp_path / "s.png"
+    assert cli.main(["sample", str(run), "--prompt", "a red cube", "--steps", "1", "--out", str(out)]) == 0
+    assert (tmp_path / "s.png").is_file()
+    assert cli.main(["sample", str(tmp_path), "--prompt", "x"]) == 1  # not a run folder: one-line error
     # resuming a finished run does no more iterations and keeps the checkpoint
     assert distill.main(args) == 0
     assert json.loads((run / "metrics.json").read_text())["iterations"] == 3

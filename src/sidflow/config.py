@@ -21,8 +21,8 @@ from typing import Any, Literal
 from sidflow.errors import ConfigError
 
 __all__ = ["TeacherConfig", "GeneratorConfig", "LossConfig", "GuidanceConfig", "OptimConfig",
-           "TrainConfig", "GANConfig", "DataConfig", "EvalConfig", "SiDConfig", "PRESETS", "register_preset", "get_preset",
-           "apply_overrides", "to_json", "from_json", "to_dict", "from_dict"]
+           "TrainConfig", "GANConfig", "DataConfig", "EvalConfig", "SiDConfig", "PRESETS", "register_preset",
+           "get_preset", "apply_overrides", "to_json", "from_json", "to_dict", "from_dict"]
 
 Weighting = Literal["1_minus_sigma", "1_minus_sigma_squared", "1_over_sigma", "1_over_sigma2",
                     "snr_sqrt", "snr", "sid_legacy"]
