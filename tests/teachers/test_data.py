@@ -97,6 +97,7 @@ def test_prompt_file(tmp_path):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_teacher_embeddings_through_the_cache(tiny, tmp_path):
     from sidflow.teachers import load_teacher
 
@@ -109,3 +110,13 @@ def test_teacher_embeddings_through_the_cache(tiny, tmp_path):
     again = PromptSource(["a cat", "a dog"], teacher, cache_dir=tmp_path, cache_size=0)
     torch.testing.assert_close(again.encode(["a cat"])["prompt_embeds"], direct["prompt_embeds"][1:])
     assert again.encoder_calls == 0
+
+
+def test_parked_text_encoders_still_encode(tiny):
+    from sidflow.teachers import load_teacher
+
+    teacher = load_teacher(tiny("flux"))
+    src = PromptSource(["a cat"], teacher)
+    assert src.precompute(offload=True) and teacher.text_device == torch.device("cpu")
+    fresh = teacher.encode_prompts(["a new prompt"])
+    assert fresh.device == teacher.device and fresh["prompt_embeds"].shape[0] == 1

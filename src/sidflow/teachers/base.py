@@ -230,6 +230,7 @@ class TeacherBase:
         self.vae_factor = int(vae_factor)
         self.token_factor = int(token_factor)  # patch size (SD3, SANA) or the 2x2 packing (FLUX)
         self.codec = LatentCodec(pipe.vae)
+        self.text_device = self.device  # where the text encoders sit (CPU once parked)
         self._uncond: Cond | None = None
 
     @property
@@ -277,9 +278,10 @@ class TeacherBase:
                 "complex_human_instruction": getattr(self, "complex_human_instruction", None)}
 
     def move_text_encoders(self, device: torch.device | str) -> None:
-        """Park the text encoders (e.g. on CPU once every prompt is cached)."""
+        """Park the text encoders (e.g. on CPU once every prompt is cached); encoding still works."""
         for module in self.text_encoders():
             module.to(device)
+        self.text_device = torch.device(device)
 
     def scheduler(self):
         """A fresh ``FlowMatchEulerDiscreteScheduler`` with the pipeline's config (shift included)."""

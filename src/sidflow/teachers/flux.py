@@ -102,9 +102,9 @@ class FluxTeacher(TeacherBase):
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
         """``{"prompt_embeds" [B, L, D_T5], "pooled_prompt_embeds" [B, 768]}`` in fp32 (``""`` included)."""
-        embeds, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=self.device,
+        embeds, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=self.text_device,
                                                     max_sequence_length=self.max_sequence_length)
-        return Cond({"prompt_embeds": embeds.float(), "pooled_prompt_embeds": pooled.float()})
+        return Cond({"prompt_embeds": embeds.float(), "pooled_prompt_embeds": pooled.float()}).to(self.device)
 
     def _set_timesteps(self, scheduler, num_steps: int, latent_shape: tuple[int, int, int]) -> None:
         # As FluxPipeline: sigmas linspace(1, 1/N, N) and the resolution-dependent shift mu.

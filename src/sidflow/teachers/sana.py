@@ -78,7 +78,7 @@ class SanaTeacher(TeacherBase):
         self.family = "sana_sprint" if sprint else "sana"
 
     def _encode(self, prompts: list[str], chi: list[str] | None) -> tuple[Tensor, Tensor]:
-        kwargs = {"device": self.device, "max_sequence_length": self.max_sequence_length,
+        kwargs = {"device": self.text_device, "max_sequence_length": self.max_sequence_length,
                   "complex_human_instruction": chi}
         if "do_classifier_free_guidance" in inspect.signature(self.pipe.encode_prompt).parameters:
             kwargs["do_classifier_free_guidance"] = False  # SanaPipeline; SanaSprintPipeline has no CFG
@@ -100,7 +100,7 @@ class SanaTeacher(TeacherBase):
             parts.update({i: (embeds[0], mask[0]) for i in empty})
         rows = [parts[i] for i in range(len(prompts))]
         return Cond({"prompt_embeds": torch.stack([r[0] for r in rows]),
-                     "prompt_attention_mask": torch.stack([r[1] for r in rows])})
+                     "prompt_attention_mask": torch.stack([r[1] for r in rows])}).to(self.device)
 
 
 def load(source: str | Path, *, name: str, time_scale: float, sprint: bool = False,

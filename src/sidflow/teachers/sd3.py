@@ -66,9 +66,9 @@ class SD3Teacher(TeacherBase):
         encoding of ``""``, not zeros; spec 2.2).
         """
         embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
+            prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.text_device,
             do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
-        return Cond({"prompt_embeds": embeds.float(), "pooled_prompt_embeds": pooled.float()})
+        return Cond({"prompt_embeds": embeds.float(), "pooled_prompt_embeds": pooled.float()}).to(self.device)
 
     def _set_timesteps(self, scheduler, num_steps: int, latent_shape: tuple[int, int, int]) -> None:
         # As StableDiffusion3Pipeline: mu only when the scheduler uses dynamic shifting (SD3.5 does not).
