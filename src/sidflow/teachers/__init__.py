@@ -119,4 +119,6 @@ def load_teacher(path_or_id: str | Path, *, family: str | None = None, time_scal
         kwargs["sprint"] = family == "sana_sprint"
     if folder is not None:
         check_components(folder, index, module.NEEDED)
-    return module.load(folder if folder is not None else name, **kwargs)
+    teacher = module.load(folder if folder is not None else name, **kwargs)
+    teacher.family = family  # e.g. "sd35" for a shipped SD3.5 config (same adapter as "sd3")
+    return teacher

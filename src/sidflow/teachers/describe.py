@@ -30,7 +30,7 @@ FORWARDS_WITH_GRAD = 5
 DEFAULT_TEXT_TOKENS = {"sd3": 77, "sd35": 77, "flux": 512, "sana": 300, "sana_sprint": 300}
 
 
-def _vae_factor(library_class: str, config: dict) -> int:
+def _vae_factor(config: dict) -> int:
     channels = config.get("block_out_channels") or config.get("encoder_block_out_channels")
     return 2 ** (len(channels) - 1)
 
@@ -67,7 +67,7 @@ def describe(spec: TeacherSpec, resolutions: tuple[int, ...] = RESOLUTIONS) -> d
     family, comps = spec["family"], spec["components"]
     params = {name: count_params(meta_model(*comps[name])) for name in MODEL_KEYS if name in comps}
     tf, vae = comps["transformer"][2], comps["vae"][2]
-    vae_factor = _vae_factor(comps["vae"][1], vae)
+    vae_factor = _vae_factor(vae)
     token_factor, inner, blocks = _transformer_geometry(family, tf)
     text_tokens, width, pooled, mask_bytes = _text_shape(family, spec, tf)
     cache_bytes = 4 * (text_tokens * width + pooled) + mask_bytes * text_tokens  # cached in fp32
