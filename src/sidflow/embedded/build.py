@@ -21,7 +21,7 @@ import torch
 from sidflow.embedded.baseline import STEPS, measure_teacher
 from sidflow.embedded.data import load_digits
 from sidflow.embedded.evaluator import Evaluator, FeatureStats, train_classifier
-from sidflow.embedded.pipeline import assemble_pipeline, build_transformer, encode_prompts, load_pipeline
+from sidflow.embedded.pipeline import assemble_pipeline, build_transformer, encode_prompts, load_pipeline, write_sidecar
 from sidflow.embedded.teacher_train import RFConfig, train_rectified_flow
 from sidflow.embedded.text import CLASS_WORDS, prompts_for_class
 from sidflow.embedded.vae import build_vae, fit_latent_normalisation, train_vae
@@ -101,6 +101,7 @@ def build_teacher(out: str | Path, recipe: TeacherRecipe, *, progress: bool = Tr
     pipe.transformer = ema
     pipe.register_modules(transformer=ema)
     pipe.save_pretrained(out / "teacher", safe_serialization=True)
+    write_sidecar(out / "teacher")
     start = _stage("transformer", times, start)
 
     loaded = load_pipeline(out / "teacher")

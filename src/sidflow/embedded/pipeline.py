@@ -8,6 +8,7 @@ the ``[4, 16, 16]`` latents (64 image tokens). Prompt embeddings always come fro
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from sidflow.embedded.text import MAX_TOKENS, build_text_encoder, build_tokenize
 
 __all__ = [
     "BUNDLED_TEACHER", "TEXT_HIDDEN", "assemble_pipeline", "build_transformer", "encode_prompts",
-    "load_pipeline",
+    "load_pipeline", "write_sidecar",
 ]
 
 TEXT_HIDDEN = 32  # width of each tiny CLIP (L and G): joint_attention_dim = 2 * 32, pooled = 2 * 32
@@ -89,3 +90,10 @@ def load_pipeline(path: str | Path = BUNDLED_TEACHER) -> StableDiffusion3Pipelin
     return StableDiffusion3Pipeline.from_pretrained(
         path, text_encoder_3=None, tokenizer_3=None, local_files_only=True, dtype=torch.float32
     )
+
+
+def write_sidecar(folder: str | Path) -> None:
+    """Write ``sidflow_teacher.json``: how sidflow's SD3 adapter must encode for this teacher
+    (T5 slot as long as the CLIP context, as in training; time fed as ``1000 t``)."""
+    info = {"family": "sd3", "time_scale": 1000.0, "max_sequence_length": MAX_TOKENS}
+    (Path(folder) / "sidflow_teacher.json").write_text(json.dumps(info, indent=2) + "\n")
