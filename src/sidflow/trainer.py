@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -197,6 +197,17 @@ class SiDTrainer:
                                  f"iteration {self.iteration} (limit {limit:.0%}); lower the learning rate "
                                  "or raise train.max_nonfinite_frac")
 
+    def _accumulate(self, phase: str, iteration: int, round_loss: Callable[[Draws], tuple[Tensor, int]]
+                    ) -> tuple[Tensor, int]:
+        """R rounds of draw -> loss -> backward; returns the summed loss and non-finite count."""
+        loss, bad = torch.zeros((), device=self.device), 0
+        for r in range(self.rounds):
+            value, n_bad = round_loss(self.draw(phase, iteration, r))
+            value.backward()
+            loss, bad = loss + value.detach(), bad + n_bad
+        self._check_nonfinite(phase, bad)
+        return loss, bad
+
     # ---- phase 1: fake score ----------------------------------------------------------------
     def _fake_round(self, d: Draws, k: int, iteration: int) -> tuple[Tensor, int]:
         with torch.no_grad():
@@ -237,12 +248,7 @@ class SiDTrainer:
         self._set_trainable(self.gen_params, False)
         self._set_trainable(self.fake_params, True)
         self.opt_fake.zero_grad(set_to_none=True)
-        loss, bad = torch.zeros((), device=self.device), 0
-        for r in range(self.rounds):
-            round_loss, round_bad = self._fake_round(self.draw("fake", iteration, r), k, iteration)
-            round_loss.backward()
-            loss, bad = loss + round_loss.detach(), bad + round_bad
-        self._check_nonfinite("fake", bad)
+        loss, bad = self._accumulate("fake", iteration, lambda d: self._fake_round(d, k, iteration))
         self._finish_grads(self.fake_params)
         self.opt_fake.step()
         self.opt_fake.zero_grad(set_to_none=True)
@@ -288,12 +294,7 @@ class SiDTrainer:
         self._set_trainable(self.fake_params, False)
         self._set_trainable(self.gen_params, True)
         self.opt_gen.zero_grad(set_to_none=True)
-        loss, bad = torch.zeros((), device=self.device), 0
-        for r in range(self.rounds):
-            round_loss, round_bad = self._gen_round(self.draw("gen", iteration, r), k, gan_phase)
-            round_loss.backward()
-            loss, bad = loss + round_loss.detach(), bad + round_bad
-        self._check_nonfinite("gen", bad)
+        loss, bad = self._accumulate("gen", iteration, lambda d: self._gen_round(d, k, gan_phase))
         if step:
             self._finish_grads(self.gen_params)
             self.opt_gen.step()

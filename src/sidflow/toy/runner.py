@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ class GMMEvaluator:
     """Fixed evaluation set: ``n`` labels, initial noises and fresh reference samples."""
 
     mixture: GaussianMixture
-    n: int = 2000
+    n: int = 4000
     seed: int = EVAL_SEED
 
     def __post_init__(self) -> None:
@@ -75,20 +76,27 @@ class GMMEvaluator:
         return self.score(euler_sample(teacher, self.z, Cond({"label": self.labels}), steps))
 
 
+@functools.lru_cache(maxsize=4)
+def _fitted_mlp(kind: str, seed: int) -> tuple[MLPDenoiser, float]:
+    """The "pretrained" MLP of a mixture (cached: several runs in one process share the fit)."""
+    mixture = make_mixture(kind)
+    torch.manual_seed(seed)
+    mlp = MLPDenoiser(mixture.shape, mixture.num_classes, hidden=HIDDEN, depth=DEPTH)
+    fit_err = fit_to_teacher(mlp, GMMDenoiser(mixture), mixture, steps=FIT_STEPS, batch=FIT_BATCH, seed=seed)
+    return mlp, fit_err
+
+
 def build_gmm_trainer(config: SiDConfig) -> tuple[SiDTrainer, GaussianMixture, float]:
     """Exact teacher, MLP fitted to it (seeded by ``train.seed``), copies as fake and generator."""
     mixture = make_mixture(config.teacher.path)
-    teacher = GMMDenoiser(mixture)
-    torch.manual_seed(config.train.seed)
-    mlp = MLPDenoiser(mixture.shape, mixture.num_classes, hidden=HIDDEN, depth=DEPTH)
-    fit_err = fit_to_teacher(mlp, teacher, mixture, steps=FIT_STEPS, batch=FIT_BATCH, seed=config.train.seed)
-    trainer = SiDTrainer(teacher, copy.deepcopy(mlp), copy.deepcopy(mlp), GMMCondSource(mixture.num_classes),
-                         mixture.shape, config)
+    mlp, fit_err = _fitted_mlp(config.teacher.path, config.train.seed)
+    trainer = SiDTrainer(GMMDenoiser(mixture), copy.deepcopy(mlp), copy.deepcopy(mlp),
+                         GMMCondSource(mixture.num_classes), mixture.shape, config)
     return trainer, mixture, fit_err
 
 
 def run_gmm(config: SiDConfig, run_dir: Path, *, progress: bool = True, eval_points: int = 8,
-            eval_n: int = 2000) -> dict[str, Any]:
+            eval_n: int = 4000) -> dict[str, Any]:
     """Distil, evaluate ``eval_points`` times, checkpoint, write ``metrics.json``; returns the metrics."""
     start = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
