@@ -46,6 +46,26 @@ def _logit_normal(n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.sigmoid(torch.randn(n, generator=gen))
 
 
+def _draw_batch(z_mean: torch.Tensor, z_std: torch.Tensor, labels: torch.Tensor, phrasings: int, cfg: RFConfig,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch: posterior-sampled ``x0`` [B, 4, 16, 16], prompt rows [B] (empty prompt with
+    probability ``p_uncond``), logit-normal ``t`` [B] and ``eps`` [B, 4, 16, 16]."""
+    idx = torch.randint(0, len(labels), (cfg.batch,), generator=gen)
+    x0 = z_mean[idx] + z_std[idx] * torch.randn(z_mean[idx].shape, generator=gen)
+    rows = labels[idx] * phrasings + torch.randint(0, phrasings, (cfg.batch,), generator=gen)
+    drop = torch.rand(cfg.batch, generator=gen) < cfg.p_uncond
+    rows = torch.where(drop, torch.full_like(rows, 10 * phrasings), rows)
+    t = _logit_normal(cfg.batch, gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    return x0, rows, t, eps
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+        p_ema.lerp_(p, 1 - decay)
+
+
 def train_rectified_flow(
     transformer: SD3Transformer2DModel,
     latents: tuple[torch.Tensor, torch.Tensor],
@@ -85,13 +105,7 @@ def train_rectified_flow(
     bar = tqdm(total=total, desc="teacher", disable=not progress)
     start, ema_loss, step = time.perf_counter(), None, 0
     while step < total:
-        idx = torch.randint(0, len(labels), (cfg.batch,), generator=gen)
-        x0 = z_mean[idx] + z_std[idx] * torch.randn(z_mean[idx].shape, generator=gen)
-        rows = labels[idx] * phrasings + torch.randint(0, phrasings, (cfg.batch,), generator=gen)
-        drop = torch.rand(cfg.batch, generator=gen) < cfg.p_uncond
-        rows = torch.where(drop, torch.full_like(rows, prompt_embeds.shape[0] - 1), rows)
-        t = _logit_normal(cfg.batch, gen)
-        eps = torch.randn(x0.shape, generator=gen)
+        x0, rows, t, eps = _draw_batch(z_mean, z_std, labels, phrasings, cfg, gen)
         x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
         v = transformer(hidden_states=x_t, encoder_hidden_states=prompt_embeds[rows],
                         pooled_projections=pooled[rows], timestep=1000 * t).sample
@@ -102,10 +116,7 @@ def train_rectified_flow(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), transformer.parameters(), strict=True):
-                p_ema.lerp_(p, 1 - decay)
+        _ema_update(ema, transformer, min(cfg.ema_decay, (1 + step) / (10 + step)))
         step += 1
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
         if cfg.minutes is not None and step == 20:  # fit the schedule into the time budget
