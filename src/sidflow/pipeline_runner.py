@@ -24,7 +24,16 @@ from torch import Tensor
 from sidflow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sidflow.config import SiDConfig, to_dict
 from sidflow.data import PromptSource, read_prompt_file
-from sidflow.errors import ConfigError
+from sidflow.distributed import (
+    DistContext,
+    barrier,
+    broadcast_module_,
+    broadcast_object,
+    init_from_env,
+    reduce_metrics,
+    shutdown,
+)
+from sidflow.errors import CheckpointError, ConfigError
 from sidflow.evaluation import StudentEvaluation, make_evaluation, sample_student
 from sidflow.trainer import SiDTrainer, generator_state_dict
 
@@ -68,11 +77,17 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _resume(trainer: SiDTrainer, run_dir: Path) -> None:
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None:
-        state, _ = load_checkpoint(ckpt, device=trainer.device)
-        trainer.load_state_dict(state)
+def _resume(trainer: SiDTrainer, run_dir: Path, ctx: DistContext) -> None:
+    """Every rank loads the checkpoint rank 0 found (the run folder must be shared by all nodes)."""
+    ckpt = broadcast_object(latest_checkpoint(run_dir) if ctx.is_main else None)
+    if ckpt is None:
+        return
+    if not Path(ckpt).is_dir():
+        raise CheckpointError(f"rank {ctx.rank} cannot read {ckpt}; put the run folder on a file system "
+                              "shared by every node")
+    state, _ = load_checkpoint(ckpt, device=trainer.device)
+    trainer.load_state_dict(state)
+    if ctx.is_main:
         print(f"resumed from {ckpt} (iteration {trainer.iteration})")
 
 
@@ -97,58 +112,103 @@ def _log(writer, log_path: Path, row: dict[str, Any]) -> None:
                 writer.add_scalar(key, value, row["images_seen"])
 
 
+def _prompt_source(config: SiDConfig, teacher, device: torch.device, ctx: DistContext) -> PromptSource:
+    """The cached prompt source; with an on-disk cache rank 0 fills it first and the others read it."""
+    def build() -> PromptSource:
+        source = PromptSource(resolve_prompts(config.data.prompts), teacher, cache_size=config.data.cache_size,
+                              cache_dir=config.data.cache_dir)
+        # Text encoders leave the compute device only when every prompt is cached (data.py).
+        source.precompute(offload=device.type == "cuda")
+        return source
+
+    if config.data.cache_dir is None or ctx.world_size == 1:
+        return build()
+    source = build() if ctx.is_main else None
+    barrier()
+    return source if source is not None else build()
+
+
+def _build(config: SiDConfig, run_dir: Path, ctx: DistContext):
+    """``(teacher, latent_shape, trainer)`` on this rank, resumed; networks identical on every rank."""
+    teacher = load_run_teacher(config, ctx.device)
+    latent_shape = teacher.latent_shape(config.data.resolution)
+    source = _prompt_source(config, teacher, ctx.device, ctx)
+    networks = teacher.make_denoisers(gradient_checkpointing=config.teacher.gradient_checkpointing == "on")
+    for net in networks[1:]:   # before the trainer snapshots its EMA (DDP's sync_module_states)
+        broadcast_module_(net)
+    trainer = SiDTrainer(*networks, source, latent_shape, config, ctx.device, rank=ctx.rank,
+                         world_size=ctx.world_size)
+    _resume(trainer, run_dir, ctx)
+    return teacher, latent_shape, trainer
+
+
 def run_pipeline(config: SiDConfig, run_dir: Path, *, progress: bool = True) -> dict[str, Any]:
-    """Distil ``config.teacher.path`` with SiD; returns the metrics also written to ``metrics.json``."""
+    """Distil ``config.teacher.path`` with SiD; returns the metrics also written to ``metrics.json``.
+
+    Under ``torchrun`` every rank trains its share of each global batch (:mod:`sidflow.distributed`);
+    only rank 0 logs, evaluates, checkpoints and writes the report and the export. Other ranks return
+    ``{"rank", "iterations", "images_seen", "train_seconds", "wall_seconds"}`` once rank 0 is done.
+    """
+    start = time.perf_counter()
+    ctx = init_from_env()
+    try:
+        teacher, latent_shape, trainer = _build(config, run_dir, ctx)
+        result = _train(config, run_dir, ctx, teacher, latent_shape, trainer, progress, start)
+        barrier()   # the others return only once rank 0 has written metrics.json
+    finally:
+        shutdown(ctx)
+    result["wall_seconds"] = time.perf_counter() - start
+    if ctx.is_main:
+        (run_dir / "metrics.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    return result
+
+
+def _train(config: SiDConfig, run_dir: Path, ctx: DistContext, teacher, latent_shape, trainer: SiDTrainer,
+           progress: bool, start: float) -> dict[str, Any]:
+    """The training loop; rank 0 also evaluates, logs, checkpoints and finishes the run folder."""
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
-    start = time.perf_counter()
-    device = _device()
-    teacher = load_run_teacher(config, device)
-    latent_shape = teacher.latent_shape(config.data.resolution)
-    source = PromptSource(resolve_prompts(config.data.prompts), teacher, cache_size=config.data.cache_size,
-                          cache_dir=config.data.cache_dir)
-    # Text encoders leave the compute device only when every prompt is cached (data.py).
-    source.precompute(offload=device.type == "cuda")
-    networks = teacher.make_denoisers(gradient_checkpointing=config.teacher.gradient_checkpointing == "on")
-    trainer = SiDTrainer(*networks, source, latent_shape, config, device)
-    _resume(trainer, run_dir)
-    evaluation = make_evaluation(config, teacher, latent_shape, device)
-    scratch = copy.deepcopy(trainer.generator).requires_grad_(False) if trainer.ema is not None else None
-
+    main = ctx.is_main
+    evaluation = make_evaluation(config, teacher, latent_shape, ctx.device) if main else None
+    scratch = (copy.deepcopy(trainer.generator).requires_grad_(False)
+               if trainer.ema is not None and main else None)
     total = config.train.num_steps()
     eval_every = (math.ceil(config.eval.every_kimg * 1000 / config.train.batch)
                   if config.eval.every_kimg > 0 else 0)
     log_path, history = run_dir / "log.jsonl", []
-    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    writer = SummaryWriter(str(run_dir / "tensorboard")) if main else None
     if evaluation is not None and trainer.iteration == 0 and eval_every:
         history.append(evaluation.score_student(_ema_generator(trainer, scratch), trainer.images_seen))
-    bar = tqdm(total=total, initial=trainer.iteration, desc="SiD", unit="it", disable=not progress,
+    bar = tqdm(total=total, initial=trainer.iteration, desc="SiD", unit="it", disable=not (progress and main),
                dynamic_ncols=True)
     train_seconds = 0.0
     while trainer.iteration < total:
         tick = time.perf_counter()
-        metrics = trainer.step()
+        metrics = reduce_metrics(trainer.step())
         train_seconds += time.perf_counter() - tick
         bar.update(1)
         bar.set_postfix(fake=f"{metrics['loss_fake']:.4g}", gen=f"{metrics['loss_gen']:.4g}",
                         k=metrics["k"], img_s=f"{metrics['images_per_s']:.1f}")
         it = trainer.iteration
-        if it % config.train.log_every == 0 or it == total:
+        if main and (it % config.train.log_every == 0 or it == total):
             _log(writer, log_path, metrics)
         if evaluation is not None and eval_every and it % eval_every == 0 and it != total:
             row = evaluation.score_student(_ema_generator(trainer, scratch), trainer.images_seen)
             history.append(row)
             _log(writer, log_path, row)
             bar.write(evaluation.describe(row))
-        if config.train.ckpt_every and it % config.train.ckpt_every == 0 and it != total:
+        if main and config.train.ckpt_every and it % config.train.ckpt_every == 0 and it != total:
             _save(trainer, run_dir, config)
     bar.close()
+    result: dict[str, Any] = {"iterations": trainer.iteration, "images_seen": trainer.images_seen,
+                              "train_seconds": train_seconds}
+    if not main:
+        return {"rank": ctx.rank, **result}
     ckpt = _save(trainer, run_dir, config)
     final_gen = _ema_generator(trainer, scratch)
-    result: dict[str, Any] = {"iterations": trainer.iteration, "images_seen": trainer.images_seen,
-                              "train_seconds": train_seconds, "checkpoint": str(ckpt.relative_to(run_dir)),
-                              "nonfinite_total": trainer.nonfinite_total}
+    result.update(checkpoint=str(ckpt.relative_to(run_dir)), nonfinite_total=trainer.nonfinite_total,
+                  world_size=ctx.world_size)
     if evaluation is not None:
         final = evaluation.score_student(final_gen, trainer.images_seen)
         history.append(final)
@@ -160,8 +220,6 @@ def run_pipeline(config: SiDConfig, run_dir: Path, *, progress: bool = True) -> 
     from sidflow.run_report import finish_run  # lazy: matplotlib
 
     finish_run(run_dir, config, teacher, final_gen, latent_shape, evaluation, result)
-    result["wall_seconds"] = time.perf_counter() - start
-    (run_dir / "metrics.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
     return result
 
 

@@ -1,0 +1,240 @@
+"""Multi-process SiD under ``torchrun``: process-group setup and the collectives the runner needs.
+
+Spec section 6.1 (``R = B / (world b)`` accumulation rounds per rank, gradients averaged over ranks)
+and section 16 (FSDP2 equivalents). Data parallelism needs no shuffling or seeding here: every draw
+of :class:`sidflow.trainer.SiDTrainer` is keyed by the *global* sample index, so rank ``r`` draws
+exactly the samples ``r B/world .. (r+1) B/world - 1`` that one process would, and the averaged
+gradient equals the single-process one up to float summation order.
+
+``init_from_env`` reads the variables ``torchrun`` sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``) and picks NCCL on ``cuda:LOCAL_RANK`` when CUDA is present, else
+gloo on the CPU. Without ``WORLD_SIZE`` (or with ``WORLD_SIZE=1``) it is a no-op single process.
+Every helper below is a no-op when no process group is initialised.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from sidflow.errors import ConfigError
+
+__all__ = ["DistContext", "init_from_env", "shutdown", "is_distributed", "barrier", "broadcast_object",
+           "broadcast_module_", "all_reduce_mean_", "reduce_metrics", "TIMEOUT_ENV", "BUCKET_BYTES"]
+
+TIMEOUT_ENV = "SIDFLOW_DIST_TIMEOUT_MIN"   # collective timeout; rank 0 evaluates while the others wait
+_DEFAULT_TIMEOUT_MIN = 120.0
+BUCKET_BYTES = 256 * 2**20                 # coalesced all-reduce bucket (bounds the extra memory)
+T = TypeVar("T")
+_LAUNCH = "launch with 'torchrun --nproc_per_node N -m sidflow.cli distill ...'"
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the job.
+
+    Attributes:
+        rank: global rank (0 .. world_size - 1).
+        world_size: number of processes.
+        local_rank: rank on this node (selects ``cuda:local_rank``).
+        device: this process's compute device.
+        backend: ``"nccl"``, ``"gloo"`` or None (single process, no group).
+        owns_group: True when :func:`init_from_env` created the group (so :func:`shutdown` ends it).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes files, logs, evaluates and exports."""
+        return self.rank == 0
+
+
+def is_distributed() -> bool:
+    """A process group is initialised and has more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _env_int(env: dict[str, str], name: str) -> int:
+    value = env.get(name)
+    if value is None:
+        raise ConfigError(f"WORLD_SIZE is set but {name} is not; {_LAUNCH}")
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not an integer; launch with torchrun") from None
+
+
+def _device_for(local_rank: int) -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are "
+                          "visible; lower --nproc_per_node or fix CUDA_VISIBLE_DEVICES")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def _timeout(env: dict[str, str]) -> timedelta:
+    raw = env.get(TIMEOUT_ENV, str(_DEFAULT_TIMEOUT_MIN))
+    try:
+        minutes = float(raw)
+    except ValueError:
+        raise ConfigError(f"{TIMEOUT_ENV}={raw!r} is not a number of minutes") from None
+    return timedelta(minutes=minutes)
+
+
+def init_from_env(env: dict[str, str] | None = None) -> DistContext:
+    """Join the ``torchrun`` job described by ``env`` (default ``os.environ``).
+
+    Returns the existing group's context if one is already initialised (``owns_group=False``);
+    a single-process context on ``cuda`` (if available) or ``cpu`` when ``WORLD_SIZE`` is unset or 1.
+
+    Raises:
+        ConfigError: a torchrun variable is missing or malformed, or LOCAL_RANK has no GPU.
+    """
+    env = dict(os.environ if env is None else env)
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(env.get("LOCAL_RANK", rank))
+        device = _device_for(local) if dist.get_backend() == "nccl" else torch.device("cpu")
+        return DistContext(rank, world, local, device, dist.get_backend(), owns_group=False)
+    world = int(env["WORLD_SIZE"]) if env.get("WORLD_SIZE") else 1
+    if world <= 1:
+        return DistContext(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, local = _env_int(env, "RANK"), _env_int(env, "LOCAL_RANK")
+    if not env.get("MASTER_ADDR"):
+        raise ConfigError(f"WORLD_SIZE is set but MASTER_ADDR is not; {_LAUNCH}")
+    _env_int(env, "MASTER_PORT")
+    if not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} is outside 0..WORLD_SIZE-1={world - 1}; launch with torchrun")
+    if not dist.is_available():
+        raise ConfigError("this torch build has no torch.distributed; unset WORLD_SIZE to run one process")
+    device = _device_for(local)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    extra = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
+                            timeout=_timeout(env), **extra)
+    return DistContext(rank, world, local, device, backend, owns_group=True)
+
+
+def shutdown(ctx: DistContext | None = None) -> None:
+    """End the process group (only one :func:`init_from_env` created, when ``ctx`` is given)."""
+    if ctx is not None and not ctx.owns_group:
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """``obj`` as held by rank ``src`` (any picklable value), on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _buckets(tensors: Sequence[Tensor], bucket_bytes: int) -> list[list[Tensor]]:
+    """Consecutive groups of same dtype/device tensors of at most ``bucket_bytes`` (or one tensor)."""
+    groups: dict[tuple[torch.dtype, torch.device], list[list[Tensor]]] = {}
+    sizes: dict[tuple[torch.dtype, torch.device], int] = {}
+    for t in tensors:
+        if t.is_sparse:
+            raise ConfigError("sparse gradients are not supported by the coalesced all-reduce")
+        key, nbytes = (t.dtype, t.device), t.numel() * t.element_size()
+        if key not in groups or sizes[key] + nbytes > bucket_bytes:
+            groups.setdefault(key, []).append([])
+            sizes[key] = 0
+        groups[key][-1].append(t)
+        sizes[key] += nbytes
+    return [bucket for buckets in groups.values() for bucket in buckets if bucket]
+
+
+def _coalesced_(tensors: Sequence[Tensor], bucket_bytes: int, reduce: bool, src: int = 0) -> None:
+    """All-reduce-mean (``reduce``) or broadcast from ``src`` ``tensors`` in place, bucket by bucket."""
+    world = dist.get_world_size()
+    for bucket in _buckets(tensors, bucket_bytes):
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        if reduce:
+            dist.all_reduce(flat)
+            flat.div_(world)
+        else:
+            dist.broadcast(flat, src=src)
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def all_reduce_mean_(params: Iterable[nn.Parameter], *, bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Average ``p.grad`` over ranks in place, coalesced: one all-reduce per dtype bucket.
+
+    Equivalent to ``all_reduce(p.grad); p.grad.div_(world)`` for each parameter (same element-wise
+    operations), but with a handful of collectives instead of one per parameter. Parameters without
+    a gradient are skipped (every rank must then agree on which ones have none, as with DDP).
+
+    Args:
+        params: parameters whose ``.grad`` ([*shape], any dense dtype) is averaged.
+        bucket_bytes: largest flattened buffer; bounds the transient memory of the copy.
+    """
+    if not is_distributed():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    with torch.no_grad():
+        _coalesced_(grads, bucket_bytes, reduce=True)
+
+
+def broadcast_module_(module: nn.Module, src: int = 0, *, bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Overwrite ``module``'s parameters and buffers with rank ``src``'s (DDP's sync_module_states)."""
+    if not is_distributed():
+        return
+    seen: set[int] = set()
+    tensors = []
+    for t in [*module.parameters(), *module.buffers()]:
+        if id(t) not in seen and t.numel():
+            seen.add(id(t))
+            tensors.append(t.data)
+    with torch.no_grad():
+        _coalesced_(tensors, bucket_bytes, reduce=False, src=src)
+
+
+_SUMMED = ("nonfinite_fake", "nonfinite_gen", "images_per_s")
+
+
+def reduce_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Job-wide training metrics: losses averaged, non-finite counts and throughput summed over ranks.
+
+    Each rank's loss is its samples' sum over ``B / world``, so the mean over ranks is the global
+    loss, i.e. what one process with the whole batch reports. Other entries pass through.
+    """
+    if not is_distributed():
+        return metrics
+    keys = [k for k, v in metrics.items() if isinstance(v, (int, float)) and (k.startswith("loss_") or k in _SUMMED)]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    out = dict(metrics)
+    for k, v in zip(keys, values.tolist(), strict=True):
+        out[k] = v if k in _SUMMED else v / dist.get_world_size()
+        if k.startswith("nonfinite_"):
+            out[k] = int(out[k])
+    return out
