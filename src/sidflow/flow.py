@@ -30,7 +30,7 @@ from sidflow import rng
 __all__ = [
     "T_KINDS", "expand_t", "add_noise", "x0_from_velocity", "velocity_from_x0", "eps_from_x0",
     "x0_from_eps", "velocity_from_eps", "eps_from_velocity", "score_from_x0", "x0_from_score",
-    "score_from_velocity", "velocity_from_score", "sample_t",
+    "score_from_velocity", "velocity_from_score", "sample_t", "t_from_variate",
 ]
 
 T_KINDS = ("logit_normal", "uniform")
@@ -137,5 +137,14 @@ def sample_t(n: int, *, kind: str = "logit_normal", mean: float = math.log(2.0),
         u = torch.randn(n, generator=generator, dtype=torch.float64)
     else:
         u = torch.rand(n, generator=generator, dtype=torch.float64)
-    t = torch.sigmoid(mean + std * u) if kind == "logit_normal" else t_min + (t_max - t_min) * u
-    return t.to(device=device, dtype=dtype)
+    return t_from_variate(u, kind=kind, mean=mean, std=std, t_min=t_min, t_max=t_max).to(device, dtype)
+
+
+def t_from_variate(u: Tensor, *, kind: str = "logit_normal", mean: float = math.log(2.0), std: float = 1.6,
+                   t_min: float = 0.0, t_max: float = 1.0) -> Tensor:
+    """Map a standard variate to ``t``: ``u ~ N(0, 1)`` for ``"logit_normal"``, ``U[0, 1)`` for ``"uniform"``."""
+    if kind == "logit_normal":
+        return torch.sigmoid(mean + std * u)
+    if kind == "uniform":
+        return t_min + (t_max - t_min) * u
+    raise ValueError(f"unknown t sampling kind {kind!r}; choose one of {T_KINDS}")

@@ -34,8 +34,8 @@ from sidflow import rng
 from sidflow.config import SiDConfig
 from sidflow.denoiser import Cond, CondSource, Denoiser
 from sidflow.errors import CheckpointError, ConfigError, NonFiniteError
-from sidflow.flow import add_noise, sample_t, x0_from_velocity
-from sidflow.generator import draw_fresh_noise, generator_step_times, sample_generator
+from sidflow.flow import add_noise, t_from_variate, x0_from_velocity
+from sidflow.generator import generator_step_times, sample_generator
 from sidflow.guidance import cfg, cond_uncond_velocity, guided_velocity, guided_x0, with_embedded_guidance
 from sidflow.losses import (
     discriminator_loss,
@@ -138,20 +138,31 @@ class SiDTrainer:
         return list(range(start, start + b))
 
     def draw(self, phase: str, iteration: int, round_idx: int) -> Draws:
-        """All random inputs of one micro-batch of ``phase`` ("fake" or "gen")."""
+        """All random inputs of one micro-batch of ``phase`` ("fake" or "gen").
+
+        Sample ``i`` draws ``z``, ``eps``, the time variate and the fresh step noise, in that order, from
+        one generator keyed by ``(seed, iteration, phase, i)`` (one generator per sample instead of
+        one per quantity: seeding dominates the cost of small latents).
+        """
         idx, seed, dev = self.sample_indices(round_idx), self.config.train.seed, self.device
         lc, gc = self.config.loss, self.config.generator
-        keyed = dict(seed=seed, iteration=iteration, indices=idx, device=dev, dtype=self.dtype)
         cond = self.conds.sample(seed=seed, iteration=iteration, stream=phase, indices=idx).to(dev)
-        fresh = None
-        if gc.noise_type == "fresh" and gc.num_steps > 1:
-            fresh = draw_fresh_noise(self.latent_shape, gc.num_steps, stream=f"{phase}/fresh", **keyed)
-        return Draws(
-            indices=idx, cond=cond, uncond=self.conds.uncond(len(idx)).to(dev),
-            z=rng.randn_per_sample(self.latent_shape, stream=f"{phase}/z", **keyed), fresh=fresh,
-            eps=rng.randn_per_sample(self.latent_shape, stream=f"{phase}/eps", **keyed),
-            t=sample_t(len(idx), kind=lc.t_sampling, mean=lc.t_mean, std=lc.t_std, t_min=lc.t_min,
-                       t_max=lc.t_max, stream=f"{phase}/t", **keyed))
+        need_fresh = gc.noise_type == "fresh" and gc.num_steps > 1
+        shape, dt = self.latent_shape, self.dtype
+        z, eps, u, fresh = [], [], [], []
+        for i in idx:
+            g = rng.keyed_generator(seed, iteration, phase, i)
+            z.append(torch.randn(shape, generator=g, dtype=dt))
+            eps.append(torch.randn(shape, generator=g, dtype=dt))
+            u.append(torch.randn((), generator=g, dtype=torch.float64) if lc.t_sampling == "logit_normal"
+                     else torch.rand((), generator=g, dtype=torch.float64))
+            if need_fresh:
+                fresh.append(torch.randn((gc.num_steps - 1, *shape), generator=g, dtype=dt))
+        t = t_from_variate(torch.stack(u), kind=lc.t_sampling, mean=lc.t_mean, std=lc.t_std,
+                           t_min=lc.t_min, t_max=lc.t_max)
+        return Draws(indices=idx, cond=cond, uncond=self.conds.uncond(len(idx)).to(dev),
+                     z=torch.stack(z).to(dev), eps=torch.stack(eps).to(dev), t=t.to(dev, dt),
+                     fresh=torch.stack(fresh, 1).to(dev) if need_fresh else None)
 
     # ---- shared pieces ----------------------------------------------------------------------
     def _generate(self, d: Draws, k: int, grad_last: bool) -> Tensor:
