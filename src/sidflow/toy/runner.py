@@ -33,8 +33,9 @@ from sidflow.trainer import SiDTrainer, generator_state_dict
 __all__ = ["GMMEvaluator", "build_gmm_trainer", "run_gmm", "format_table", "TEACHER_STEPS", "FIT_STEPS"]
 
 TEACHER_STEPS = (1, 2, 4, 8, 16, 32)
-FIT_STEPS, FIT_BATCH, HIDDEN, DEPTH = 800, 256, 128, 3
-EVAL_SEED = 2**31 - 7  # disjoint from every training seed's keyed streams (they hash the seed)
+FIT_STEPS, FIT_BATCH, HIDDEN, DEPTH = 800, 256, 256, 3
+# Hyper-parameters were tuned with evaluation seed 2**31 - 7; the reported numbers use this fresh one.
+EVAL_SEED = 20261126
 
 
 @dataclass
@@ -77,30 +78,31 @@ class GMMEvaluator:
 
 
 @functools.lru_cache(maxsize=4)
-def _fitted_mlp(kind: str, seed: int) -> tuple[MLPDenoiser, float]:
+def _fitted_mlp(kind: str, seed: int, steps: int) -> tuple[MLPDenoiser, float]:
     """The "pretrained" MLP of a mixture (cached: several runs in one process share the fit)."""
     mixture = make_mixture(kind)
     torch.manual_seed(seed)
     mlp = MLPDenoiser(mixture.shape, mixture.num_classes, hidden=HIDDEN, depth=DEPTH)
-    fit_err = fit_to_teacher(mlp, GMMDenoiser(mixture), mixture, steps=FIT_STEPS, batch=FIT_BATCH, seed=seed)
+    fit_err = fit_to_teacher(mlp, GMMDenoiser(mixture), mixture, steps=steps, batch=FIT_BATCH, seed=seed)
     return mlp, fit_err
 
 
-def build_gmm_trainer(config: SiDConfig) -> tuple[SiDTrainer, GaussianMixture, float]:
+def build_gmm_trainer(config: SiDConfig, fit_steps: int = FIT_STEPS
+                      ) -> tuple[SiDTrainer, GaussianMixture, float]:
     """Exact teacher, MLP fitted to it (seeded by ``train.seed``), copies as fake and generator."""
     mixture = make_mixture(config.teacher.path)
-    mlp, fit_err = _fitted_mlp(config.teacher.path, config.train.seed)
+    mlp, fit_err = _fitted_mlp(config.teacher.path, config.train.seed, fit_steps)
     trainer = SiDTrainer(GMMDenoiser(mixture), copy.deepcopy(mlp), copy.deepcopy(mlp),
                          GMMCondSource(mixture.num_classes), mixture.shape, config)
     return trainer, mixture, fit_err
 
 
 def run_gmm(config: SiDConfig, run_dir: Path, *, progress: bool = True, eval_points: int = 8,
-            eval_n: int = 4000) -> dict[str, Any]:
+            eval_n: int = 4000, fit_steps: int = FIT_STEPS) -> dict[str, Any]:
     """Distil, evaluate ``eval_points`` times, checkpoint, write ``metrics.json``; returns the metrics."""
     start = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer, mixture, fit_err = build_gmm_trainer(config)
+    trainer, mixture, fit_err = build_gmm_trainer(config, fit_steps)
     evaluator = GMMEvaluator(mixture, n=eval_n)
     eval_net = copy.deepcopy(trainer.generator)
     total = config.train.num_steps()
@@ -118,7 +120,7 @@ def run_gmm(config: SiDConfig, run_dir: Path, *, progress: bool = True, eval_poi
         if ce and (it + 1) % ce == 0 and it + 1 < total:
             save_checkpoint(run_dir, it + 1, trainer.state_dict(), to_dict(config))
     save_checkpoint(run_dir, total, trainer.state_dict(), to_dict(config))
-    teacher = {s: evaluator.teacher(trainer.teacher, s) for s in TEACHER_STEPS}
+    teacher = {s: evaluator.teacher(trainer.teacher, s) for s in TEACHER_STEPS}  # same z, labels, ref
     metrics = {"config": config.name, "mixture": config.teacher.path, "eval_samples": eval_n,
                "mlp_fit_x0_mse": fit_err, "history": history, "final": history[-1],
                "teacher_euler": {str(s): v for s, v in teacher.items()},
