@@ -9,3 +9,5 @@ from sidflow.errors import SidflowError
 __all__ = ["Cond", "CondSource", "Denoiser", "PromptEncoder", "SidflowError", "__version__"]
 
 __version__ = "0.1.0"
+
+from sidflow import presets as _presets  # noqa: E402,F401  (registers the named presets)

@@ -23,6 +23,7 @@ from sidflow.teachers.base import (
     TransformerDenoiser,
     load_component,
     prepare_pipeline,
+    read_model_index,
 )
 
 __all__ = ["SD3Denoiser", "SD3Teacher", "load"]
@@ -91,7 +92,13 @@ def load(source: str | Path, *, name: str, time_scale: float, dtype: torch.dtype
     """Load with diffusers' ``StableDiffusion3Pipeline.from_pretrained`` (hub id or local folder)."""
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = load_component(lambda: StableDiffusion3Pipeline.from_pretrained(str(source), dtype=dtype),
+    # Components saved as [null, null] (e.g. a pipeline without T5) must be passed as None explicitly,
+    # otherwise from_pretrained reports them as missing.
+    absent = {}
+    if Path(source).is_dir():
+        index = read_model_index(Path(source))
+        absent = {k: None for k, v in index.items() if isinstance(v, list) and v[:1] == [None]}
+    pipe = load_component(lambda: StableDiffusion3Pipeline.from_pretrained(str(source), dtype=dtype, **absent),
                           "pipeline", name)
     prepare_pipeline(pipe, device, text_encoder_dtype)
     return SD3Teacher(pipe, time_scale=time_scale, max_sequence_length=max_sequence_length, name=name,
