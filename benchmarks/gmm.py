@@ -32,11 +32,11 @@ def main() -> None:
     for label, preset in (("1-step", "gmm-2d-1step"), ("4-step", "gmm-2d")):
         cfg = apply_overrides(get_preset(preset), args.overrides)
         runs[label] = run_gmm(cfg, out / preset, progress=True, eval_points=args.points)
-    hist1, hist4 = runs["1-step"]["history"], runs["4-step"]["history"]
     print(f"\nenergy distance to {runs['4-step']['eval_samples']} fresh mixture samples (lower is better)")
-    print(f"{'iteration':>10} {'1-step student':>15} {'4-step student':>15}")
-    for r1, r4 in zip(hist1, hist4, strict=False):
-        print(f"{r1['iteration']:>10} {r1['energy_distance']:>15.5f} {r4['energy_distance']:>15.5f}")
+    print(f"{'student':>8} {'iteration':>10} {'energy distance':>16}")
+    for label, run in runs.items():
+        for row in run["history"]:
+            print(f"{label:>8} {row['iteration']:>10} {row['energy_distance']:>16.5f}")
     print(f"\n{'exact teacher Euler steps':>26} {'energy distance':>15}")
     for steps in TEACHER_STEPS:
         print(f"{steps:>26} {runs['4-step']['teacher_euler'][str(steps)]['energy_distance']:>15.5f}")

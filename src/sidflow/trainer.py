@@ -190,11 +190,13 @@ class SiDTrainer:
             p.requires_grad_(flag)
 
     def _finish_grads(self, trainable: list[nn.Parameter]) -> None:
-        params = [p for p in trainable if p.grad is not None]
         if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            for p in params:  # average over ranks (each rank's loss is divided by its own B/world)
+            for p in trainable:  # every rank reduces the same list, so a missing grad counts as zero
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
                 torch.distributed.all_reduce(p.grad)
-                p.grad.div_(self.world_size)
+                p.grad.div_(self.world_size)  # average: each rank's loss is divided by its own B/world
+        params = [p for p in trainable if p.grad is not None]
         for p in params:
             torch.nan_to_num_(p.grad, nan=0.0, posinf=INF_CLAMP, neginf=-INF_CLAMP)
         if self.config.optim.grad_clip is not None:

@@ -111,7 +111,8 @@ def run_gmm(config: SiDConfig, run_dir: Path, *, progress: bool = True, eval_poi
     bar = tqdm(range(total), desc=f"sid {config.name}", disable=not progress, mininterval=1.0)
     for it in bar:
         m = trainer.step()
-        bar.set_postfix(loss_fake=f"{m['loss_fake']:.3f}", loss_gen=f"{m['loss_gen']:.3f}", k=m["k"])
+        bar.set_postfix(loss_fake=f"{m['loss_fake']:.3f}", loss_gen=f"{m['loss_gen']:.3f}", k=m["k"],
+                        refresh=False)
         if (it + 1) % every == 0 or it + 1 == total:
             eval_net.load_state_dict(generator_state_dict(trainer))
             history.append({"iteration": it + 1, "loss_fake": m["loss_fake"], "loss_gen": m["loss_gen"],
