@@ -1,16 +1,18 @@
-"""Data-parallel SiD under torchrun (gloo, CPU): 2 ranks reproduce one process (spec 6.1).
+"""Data-parallel SiD under torchrun (gloo, CPU): 2 ranks reproduce one process (spec 6.1, 16).
 
 Every draw of the trainer is keyed by the global sample index, so two ranks with half of each
 global batch each (and averaged gradients) must end with the weights of one process that sees the
-whole batch, up to float32 summation order. The ranks run through the real CLI entry
-(``python -m torch.distributed.run ... -m sidflow.cli distill``), resume from a checkpoint on both
-ranks, and the coalesced gradient all-reduce is checked against the per-parameter one.
+whole batch, up to float32 summation order. Checked through the real CLI entry
+(``python -m torch.distributed.run ... -m sidflow.cli distill``: 2 ranks resume a one-process run
+and land on its weights), and at the trainer level with FSDP2-sharded networks (multi-step, plus a
+gathered-checkpoint round trip). The coalesced gradient all-reduce equals the per-parameter one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -43,28 +45,32 @@ def _torchrun(args: list[str], nproc: int = 2, timeout: float = 300) -> subproce
     return out
 
 
-_ALLREDUCE_WORKER = textwrap.dedent('''
+_WORKER = textwrap.dedent("""
+    import copy, sys
     import torch
     import torch.distributed as dist
-    from sidflow.distributed import all_reduce_mean_, broadcast_module_, init_from_env, reduce_metrics, shutdown
+    from torch.distributed.tensor import DTensor
+    from sidflow import distributed as sd
 
     torch.set_num_threads(1)
-    ctx = init_from_env()
+    ctx = sd.init_from_env()
     assert ctx.world_size == 2 and ctx.backend == "gloo" and ctx.device.type == "cpu"
+
+    # ---- coalesced all-reduce == per-parameter all-reduce (what the trainer does) ----
     gen = torch.Generator().manual_seed(100 + ctx.rank)          # different grads on each rank
     shapes = [((3, 4), torch.float32), ((5,), torch.float64), ((2, 1, 3), torch.float32), ((7,), torch.float32)]
     params = [torch.nn.Parameter(torch.zeros(s, dtype=d)) for s, d in shapes]
     for p in params[:-1]:                                         # the last one has no gradient
         p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-    p0 = params[0]
-    p0.grad = p0.grad.t().contiguous().t()                        # a non-contiguous gradient
+    params[0].grad = params[0].grad.t().contiguous().t()          # a non-contiguous gradient
     reference = [p.grad.clone() for p in params[:-1]]
-    for g in reference:                                           # what the trainer does per parameter
+    for g in reference:
         dist.all_reduce(g)
         g.div_(ctx.world_size)
+    assert not torch.equal(reference[0], params[0].grad)
     for bucket_bytes in (16, 2**20):                              # several buckets, then one per dtype
         saved = [p.grad.clone() for p in params[:-1]]
-        all_reduce_mean_(params, bucket_bytes=bucket_bytes)
+        sd.all_reduce_mean_(params, bucket_bytes=bucket_bytes)
         for p, ref in zip(params, reference):
             assert torch.equal(p.grad, ref), (bucket_bytes, p.grad, ref)
         assert params[-1].grad is None
@@ -72,20 +78,74 @@ _ALLREDUCE_WORKER = textwrap.dedent('''
             p.grad = s
     module = torch.nn.Linear(3, 2)
     torch.nn.init.constant_(module.weight, float(ctx.rank))
-    broadcast_module_(module)
+    sd.broadcast_module_(module)
     assert torch.equal(module.weight, torch.zeros(2, 3))
-    m = reduce_metrics({"loss_fake": 1.0 + ctx.rank, "nonfinite_gen": ctx.rank + 1, "k": 2})
+    m = sd.reduce_metrics({"loss_fake": 1.0 + ctx.rank, "nonfinite_gen": ctx.rank + 1, "k": 2})
     assert m == {"loss_fake": 1.5, "nonfinite_gen": 3, "k": 2}, m
-    shutdown(ctx)
-    print("ok", ctx.rank)
-''')
+    assert sd.sum_over_ranks(ctx.rank + 1) == 3
+    open(f"{sys.argv[2]}/collectives-{ctx.rank}", "w").close()
+
+    # ---- FSDP2: 2 sharded ranks == 1 unsharded process, checkpoint round trip ----
+    from sidflow.commands.distill import resolve_config
+    from sidflow.data import PromptSource
+    from sidflow.pipeline_runner import load_run_teacher
+    from sidflow.trainer import SiDTrainer
+
+    cfg = resolve_config("sd3-medium-4step", [f"teacher.path={sys.argv[1]}", "teacher.time_scale=1000",
+        "teacher.gradient_checkpointing=off", "data.resolution=32", "train.batch=4", "train.batch_gpu=1",
+        "train.total_kimg=none", "train.max_steps=3", "guidance.kappa1=2", "optim.lr=1e-3", "optim.glr=1e-3",
+        "train.ema_halflife_kimg=0.01"])
+    teacher = load_run_teacher(cfg, "cpu")
+    shape = teacher.latent_shape(32)
+    source = PromptSource(["a red cube", "a blue ball", "a green cone"], teacher)
+    source.precompute()
+    nets = teacher.make_denoisers()
+    ref = SiDTrainer(*[copy.deepcopy(n) for n in nets], source, shape, cfg, "cpu")   # 1 process, 4 rounds
+
+    class FSDPTrainer(SiDTrainer):     # the wiring asked of the trainer: FSDP already averaged the grads
+        def _finish_grads(self, trainable):
+            grads = [p.grad for p in trainable if p.grad is not None]
+            assert grads and all(isinstance(g, DTensor) for g in grads)
+            for g in grads:
+                torch.nan_to_num_(g, nan=0.0, posinf=1e5, neginf=-1e5)
+
+    def sharded_trainer():
+        copies = [copy.deepcopy(n) for n in nets]
+        sd.shard_networks(*copies)
+        return FSDPTrainer(*copies, source, shape, cfg, "cpu", rank=ctx.rank, world_size=ctx.world_size)
+
+    def assert_matches(trainer):
+        ours, theirs = sd.gather_state(trainer.state_dict())["tensors"], ref.state_dict()["tensors"]
+        assert set(ours) == set(theirs), set(ours) ^ set(theirs)
+        for key, value in theirs.items():   # float32 summation order: relative to each tensor's scale
+            scale = float(value.abs().max()) if value.numel() else 0.0
+            torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-6 + 1e-5 * scale, msg=key)
+
+    tr = sharded_trainer()
+    w = tr.generator.transformer.transformer_blocks[0].ff.net[0].proj.weight
+    assert isinstance(w, DTensor) and w.to_local().numel() * 2 == w.numel()   # really sharded
+    for _ in range(2):
+        ref.step(), tr.step()
+    assert_matches(tr)
+    full = sd.gather_state(tr.state_dict())
+    resumed = sharded_trainer()                                   # fresh shards, load the full checkpoint
+    resumed.load_state_dict(sd.shard_state_like(full, resumed))
+    ref.step(), resumed.step()
+    assert_matches(resumed)
+    start = {k: v for k, v in full["tensors"].items() if k.startswith("generator/")}
+    assert any(not torch.equal(v, ref.state_dict()["tensors"][k]) for k, v in start.items())   # moved
+    sd.shutdown(ctx)
+    open(f"{sys.argv[2]}/fsdp-{ctx.rank}", "w").close()
+""")
 
 
-def test_coalesced_all_reduce_equals_per_parameter(tmp_path):
+def test_collectives_and_fsdp2_on_two_gloo_ranks(tmp_path):
+    teacher = tiny_pipeline("sd3", tmp_path / "pipes")
     script = tmp_path / "worker.py"
-    script.write_text(_ALLREDUCE_WORKER)
-    out = _torchrun([str(script)])
-    assert "ok 0" in out.stdout and "ok 1" in out.stdout
+    script.write_text(_WORKER)
+    _torchrun([str(script), str(teacher), str(tmp_path)])
+    for name in ("collectives-0", "collectives-1", "fsdp-0", "fsdp-1"):   # each rank got to its end
+        assert (tmp_path / name).exists(), name
 
 
 def test_init_from_env_single_process_and_errors():
@@ -110,38 +170,37 @@ def _distill(run: Path, overrides: list[str]) -> list[str]:
     return ["-m", "sidflow.cli", "distill", "--preset", "sd3-medium-4step", "--run-dir", str(run), *overrides]
 
 
-def test_two_ranks_match_one_process_and_resume(tmp_path):
+def test_two_ranks_resume_a_one_process_run_and_match_it(tmp_path):
     teacher = tiny_pipeline("sd3", tmp_path / "pipes")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\na blue ball\na green cone\n")
     common = [f"teacher.path={teacher}", "teacher.time_scale=1000", "teacher.gradient_checkpointing=off",
               f"data.prompts={prompts}", "data.resolution=32", "train.batch=4", "train.batch_gpu=1",
-              "train.total_kimg=none", "train.ckpt_every=2", "train.log_every=1", "eval.kind=none",
-              "eval.grid_size=2", "eval.teacher_grid_steps=1", "eval.student_steps=1",
+              "train.total_kimg=none", "train.max_steps=3", "train.ckpt_every=2", "train.log_every=1",
+              "eval.kind=none", "eval.grid_size=2", "eval.teacher_grid_steps=1", "eval.student_steps=1",
               "guidance.kappa1=2", "train.ema_halflife_kimg=0.01", "optim.lr=1e-3", "optim.glr=1e-3"]
-    two, one = tmp_path / "two", tmp_path / "one"
-    # 2 ranks x 2 rounds of 1 sample; stop at 2 iterations, then resume on both ranks to 3
-    _torchrun(_distill(two, [*common, "train.max_steps=2"]))
-    out = _torchrun(_distill(two, [*common, "train.max_steps=3"]))
-    assert out.stdout.count("resumed from") == 1   # rank 0 prints it; both ranks load it
-    # one process x 4 rounds of 1 sample
-    subprocess.run([sys.executable, *_distill(one, [*common, "train.max_steps=3"])], env=_env(),
-                   check=True, capture_output=True, timeout=300)
+    one, two = tmp_path / "one", tmp_path / "two"
+    # one process, 4 rounds of 1 sample per iteration, checkpoints at 2 and 3
+    subprocess.run([sys.executable, *_distill(one, common)], env=_env(), check=True, capture_output=True,
+                   timeout=300)
+    # its state at iteration 2, resumed by 2 ranks (2 rounds of 1 sample each) for the 3rd iteration
+    shutil.copytree(one, two, ignore=shutil.ignore_patterns("step-00000003", "metrics.json", "tensorboard"))
+    rows1 = [json.loads(r) for r in (one / "log.jsonl").read_text().splitlines()]
+    (two / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows1[:2]))
+    out = _torchrun(_distill(two, common))
+    assert out.stdout.count("resumed from") == 1   # printed by rank 0; every rank loads it
 
     metrics = json.loads((two / "metrics.json").read_text())
     assert metrics["iterations"] == 3 and metrics["world_size"] == 2
-    for step in (2, 3):
-        ours, ref = _weights(two, step), _weights(one, step)
-        assert set(ours) == set(ref) and any(k.startswith("ema/") for k in ref)
-        for key, value in ref.items():
-            torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-6, msg=key)
-    start = _weights(two, 2)   # the networks did move (lr 1e-3): the comparison is not vacuous
-    assert any(not torch.equal(start[k], v) for k, v in _weights(two, 3).items())
+    ours, ref, start = _weights(two, 3), _weights(one, 3), _weights(one, 2)
+    assert set(ours) == set(ref) and any(k.startswith("ema/") for k in ref)
+    assert any(not torch.equal(start[k], v) for k, v in ref.items())   # the step moved the weights
+    for key, value in ref.items():
+        torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-6, msg=key)
     rows2 = [json.loads(r) for r in (two / "log.jsonl").read_text().splitlines()]
-    rows1 = [json.loads(r) for r in (one / "log.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows2] == [0, 1, 2] == [r["iteration"] for r in rows1]
-    for a, b in zip(rows2, rows1, strict=True):   # logged losses are job-wide (averaged over ranks)
-        assert a["loss_fake"] == pytest.approx(b["loss_fake"], rel=1e-4)
-        assert a["loss_gen"] == pytest.approx(b["loss_gen"], rel=1e-4, abs=1e-6)
+    # the logged losses are job-wide (averaged over ranks), as one process reports them
+    assert rows2[2]["loss_fake"] == pytest.approx(rows1[2]["loss_fake"], rel=1e-4)
+    assert rows2[2]["loss_gen"] == pytest.approx(rows1[2]["loss_gen"], rel=1e-4, abs=1e-6)
     for name in ("report.md", "samples.png", "generator_pipeline/model_index.json"):
         assert (two / name).exists(), name

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from sidflow.errors import ConfigError
 
 __all__ = ["DistContext", "init_from_env", "shutdown", "is_distributed", "barrier", "broadcast_object",
-           "broadcast_module_", "all_reduce_mean_", "reduce_metrics", "TIMEOUT_ENV", "BUCKET_BYTES"]
+           "broadcast_module_", "all_reduce_mean_", "reduce_metrics", "sum_over_ranks", "shard_networks",
+           "gather_state", "shard_state_like", "TIMEOUT_ENV", "BUCKET_BYTES"]
 
 TIMEOUT_ENV = "SIDFLOW_DIST_TIMEOUT_MIN"   # collective timeout; rank 0 evaluates while the others wait
 _DEFAULT_TIMEOUT_MIN = 120.0
@@ -238,3 +239,82 @@ def reduce_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
         if k.startswith("nonfinite_"):
             out[k] = int(out[k])
     return out
+
+
+def sum_over_ranks(value: int) -> int:
+    """``value`` summed over ranks (e.g. non-finite sample counts, so all ranks decide alike)."""
+    if not is_distributed():
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    box = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(box)
+    return int(box.item())
+
+
+# ---- FSDP2 (spec 16) -------------------------------------------------------------------------
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")   # SD3/SD3.5/SANA, FLUX
+
+
+def shard_networks(teacher: nn.Module, fake: nn.Module, generator: nn.Module, mesh=None, *,
+                   reshard_after_forward: bool = True) -> None:
+    """FSDP2-shard the three networks in place: each transformer block, then the transformer (root).
+
+    Each network is a :class:`~sidflow.teachers.base.TransformerDenoiser` whose ``velocity`` calls
+    ``self.transformer(...)``; the transformer is the FSDP root, so its ``forward`` all-gathers the
+    non-block parameters. Gradients of the trainable networks are then reduce-scattered and averaged
+    by FSDP itself (the trainer must not all-reduce them again). Networks that share parameter
+    objects (e.g. ``trainable_copies=False``) are sharded once.
+
+    Args:
+        teacher, fake, generator: the networks, on their compute device, with a ``.transformer``.
+        mesh: a 1-D :class:`~torch.distributed.device_mesh.DeviceMesh` (default: all ranks).
+        reshard_after_forward: free the gathered weights after each forward (FULL_SHARD).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    done: set[int] = set()
+    for net in (teacher, fake, generator):
+        root = getattr(net, "transformer", None)
+        if root is None:
+            raise ConfigError(f"{type(net).__name__} has no .transformer to shard; FSDP needs a pipeline teacher")
+        if id(root) in done:
+            continue
+        done.add(id(root))
+        for name in BLOCK_LISTS:
+            for block in getattr(root, name, None) or ():
+                fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(root, mesh=mesh, reshard_after_forward=reshard_after_forward)
+
+
+def gather_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A trainer state dict (``{"tensors", "scalars"}``) with every sharded tensor gathered in full.
+
+    Collective under FSDP2: every rank must call it; rank 0 then writes the checkpoint.
+    """
+    from torch.distributed.tensor import DTensor
+
+    tensors = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state["tensors"].items()}
+    return {"tensors": tensors, "scalars": state["scalars"]}
+
+
+def shard_state_like(state: dict[str, Any], trainer) -> dict[str, Any]:
+    """Full checkpoint tensors re-sharded like the live FSDP2 ``trainer``'s networks and optimizers.
+
+    Network tensors take the placement of the trainer's own state-dict entry; optimizer moments
+    (``optim_<name>/<pid>/<key>``, pid = position in the optimizer's param groups, as torch numbers
+    them) take their parameter's, since a fresh optimizer has no state to copy it from. Anything
+    else (scalars, unknown keys: the trainer reports those) passes through.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    like: dict[str, Tensor] = dict(trainer.state_dict()["tensors"])
+    for name, opt in (("optim_fake", trainer.opt_fake), ("optim_gen", trainer.opt_gen)):
+        params = [p for group in opt.param_groups for p in group["params"]]
+        like.update({f"{name}/{pid}": p for pid, p in enumerate(params)})
+    tensors = {}
+    for key, value in state["tensors"].items():
+        ref = like.get(key, like.get(key.rsplit("/", 1)[0]) if key.startswith("optim_") else None)
+        if isinstance(ref, DTensor) and not isinstance(value, DTensor) and tuple(value.shape) == tuple(ref.shape):
+            value = distribute_tensor(value.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
+        tensors[key] = value
+    return {"tensors": tensors, "scalars": state["scalars"]}
