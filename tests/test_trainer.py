@@ -232,3 +232,30 @@ def test_ema_tracks_generator():
     name, p = next(iter(tr.generator.named_parameters()))
     assert tr.ema[name].shape == p.shape and not torch.equal(tr.ema[name], p.detach())
     assert beta == 0.5 ** (8 / 8)
+
+
+def _rank_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    tr = _mlp_trainer(2, rank=rank, world_size=world)
+    for _ in range(2):
+        tr.step()
+    torch.save({k: v for k, v in tr.generator.state_dict().items()}, f"{out_dir}/gen{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process(tmp_path):
+    """world_size=2 with gloo all-reduce == one process accumulating the same global batch."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    single = _mlp_trainer(2)
+    for _ in range(2):
+        single.step()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"gen{rank}.pt")
+        for key, value in single.generator.state_dict().items():
+            assert torch.allclose(got[key], value, atol=1e-10), (rank, key)
