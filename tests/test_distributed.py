@@ -94,7 +94,7 @@ _WORKER = textwrap.dedent("""
     cfg = resolve_config("sd3-medium-4step", [f"teacher.path={sys.argv[1]}", "teacher.time_scale=1000",
         "teacher.gradient_checkpointing=off", "data.resolution=32", "train.batch=4", "train.batch_gpu=1",
         "train.total_kimg=none", "train.max_steps=3", "guidance.kappa1=2", "optim.lr=1e-3", "optim.glr=1e-3",
-        "train.ema_halflife_kimg=0.01"])
+        "train.ema_halflife_kimg=0.01", "optim.grad_clip=20"])
     teacher = load_run_teacher(cfg, "cpu")
     shape = teacher.latent_shape(32)
     source = PromptSource(["a red cube", "a blue ball", "a green cone"], teacher)
@@ -102,12 +102,14 @@ _WORKER = textwrap.dedent("""
     nets = teacher.make_denoisers()
     ref = SiDTrainer(*[copy.deepcopy(n) for n in nets], source, shape, cfg, "cpu")   # 1 process, 4 rounds
 
-    class FSDPTrainer(SiDTrainer):     # the wiring asked of the trainer: FSDP already averaged the grads
+    class FSDPTrainer(SiDTrainer):     # _finish_grads as proposed for the trainer (all_reduce_mean_)
         def _finish_grads(self, trainable):
-            grads = [p.grad for p in trainable if p.grad is not None]
-            assert grads and all(isinstance(g, DTensor) for g in grads)
-            for g in grads:
-                torch.nan_to_num_(g, nan=0.0, posinf=1e5, neginf=-1e5)
+            params = [p for p in trainable if p.grad is not None]
+            assert params and all(isinstance(p.grad, DTensor) for p in params)
+            sd.all_reduce_mean_(params)   # no-op here: FSDP2 already reduce-scattered and averaged
+            for p in params:
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+            torch.nn.utils.clip_grad_value_(params, self.config.optim.grad_clip)
 
     def sharded_trainer():
         copies = [copy.deepcopy(n) for n in nets]

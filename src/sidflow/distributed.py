@@ -191,7 +191,8 @@ def all_reduce_mean_(params: Iterable[nn.Parameter], *, bucket_bytes: int = BUCK
 
     Equivalent to ``all_reduce(p.grad); p.grad.div_(world)`` for each parameter (same element-wise
     operations), but with a handful of collectives instead of one per parameter. Parameters without
-    a gradient are skipped (every rank must then agree on which ones have none, as with DDP).
+    a gradient are skipped (every rank must then agree on which ones have none, as with DDP), and
+    so are sharded (``DTensor``) gradients: FSDP2 has already reduce-scattered and averaged them.
 
     Args:
         params: parameters whose ``.grad`` ([*shape], any dense dtype) is averaged.
@@ -199,7 +200,9 @@ def all_reduce_mean_(params: Iterable[nn.Parameter], *, bucket_bytes: int = BUCK
     """
     if not is_distributed():
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None and not isinstance(p.grad, DTensor)]
     with torch.no_grad():
         _coalesced_(grads, bucket_bytes, reduce=True)
 
