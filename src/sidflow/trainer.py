@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from sidflow import rng
 from sidflow.config import SiDConfig
 from sidflow.denoiser import Cond, CondSource, Denoiser
+from sidflow.distributed import all_reduce_mean_, is_distributed
 from sidflow.errors import CheckpointError, ConfigError, NonFiniteError
 from sidflow.flow import add_noise, t_from_variate, x0_from_velocity
 from sidflow.generator import generator_step_times, sample_generator
@@ -190,12 +191,13 @@ class SiDTrainer:
             p.requires_grad_(flag)
 
     def _finish_grads(self, trainable: list[nn.Parameter]) -> None:
-        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if self.world_size > 1 and is_distributed():
             for p in trainable:  # every rank reduces the same list, so a missing grad counts as zero
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                torch.distributed.all_reduce(p.grad)
-                p.grad.div_(self.world_size)  # average: each rank's loss is divided by its own B/world
+            # average (each rank's loss is divided by its own B/world); coalesced, and a no-op on
+            # FSDP2-sharded (DTensor) grads, which FSDP has already reduce-scattered and averaged
+            all_reduce_mean_(trainable)
         params = [p for p in trainable if p.grad is not None]
         for p in params:
             torch.nan_to_num_(p.grad, nan=0.0, posinf=INF_CLAMP, neginf=-INF_CLAMP)
