@@ -10,6 +10,11 @@ gradient equals the single-process one up to float summation order.
 ``MASTER_ADDR``, ``MASTER_PORT``) and picks NCCL on ``cuda:LOCAL_RANK`` when CUDA is present, else
 gloo on the CPU. Without ``WORLD_SIZE`` (or with ``WORLD_SIZE=1``) it is a no-op single process.
 Every helper below is a no-op when no process group is initialised.
+
+FSDP2 (spec 16, not yet wired into the runner): :func:`shard_networks` applies ``fully_shard`` per
+transformer block then per transformer; :func:`gather_state` / :func:`shard_state_like` turn the
+trainer's sharded state into a full checkpoint and back. Note that transformers' ``save_pretrained``
+writes nothing on ranks other than 0 once a process group exists.
 """
 
 from __future__ import annotations
@@ -266,7 +271,8 @@ def shard_networks(teacher: nn.Module, fake: nn.Module, generator: nn.Module, me
     ``self.transformer(...)``; the transformer is the FSDP root, so its ``forward`` all-gathers the
     non-block parameters. Gradients of the trainable networks are then reduce-scattered and averaged
     by FSDP itself (the trainer must not all-reduce them again). Networks that share parameter
-    objects (e.g. ``trainable_copies=False``) are sharded once.
+    objects (e.g. ``trainable_copies=False``) are sharded once. Shard before building the
+    :class:`~sidflow.trainer.SiDTrainer`, so that its optimizers hold the sharded parameters.
 
     Args:
         teacher, fake, generator: the networks, on their compute device, with a ``.transformer``.
