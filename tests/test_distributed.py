@@ -102,19 +102,11 @@ _WORKER = textwrap.dedent("""
     nets = teacher.make_denoisers()
     ref = SiDTrainer(*[copy.deepcopy(n) for n in nets], source, shape, cfg, "cpu")   # 1 process, 4 rounds
 
-    class FSDPTrainer(SiDTrainer):     # _finish_grads as proposed for the trainer (all_reduce_mean_)
-        def _finish_grads(self, trainable):
-            params = [p for p in trainable if p.grad is not None]
-            assert params and all(isinstance(p.grad, DTensor) for p in params)
-            sd.all_reduce_mean_(params)   # no-op here: FSDP2 already reduce-scattered and averaged
-            for p in params:
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
-            torch.nn.utils.clip_grad_value_(params, self.config.optim.grad_clip)
-
     def sharded_trainer():
         copies = [copy.deepcopy(n) for n in nets]
         sd.shard_networks(*copies)
-        return FSDPTrainer(*copies, source, shape, cfg, "cpu", rank=ctx.rank, world_size=ctx.world_size)
+        # the trainer's all_reduce_mean_ skips the DTensor grads FSDP2 already averaged
+        return SiDTrainer(*copies, source, shape, cfg, "cpu", rank=ctx.rank, world_size=ctx.world_size)
 
     def assert_matches(trainer):
         ours, theirs = sd.gather_state(trainer.state_dict())["tensors"], ref.state_dict()["tensors"]
