@@ -172,7 +172,8 @@ def test_two_ranks_resume_a_one_process_run_and_match_it(tmp_path):
               f"data.prompts={prompts}", "data.resolution=32", "train.batch=4", "train.batch_gpu=1",
               "train.total_kimg=none", "train.max_steps=3", "train.ckpt_every=2", "train.log_every=1",
               "eval.kind=none", "eval.grid_size=2", "eval.teacher_grid_steps=1", "eval.student_steps=1",
-              "guidance.kappa1=2", "train.ema_halflife_kimg=0.01", "optim.lr=1e-3", "optim.glr=1e-3"]
+              "guidance.kappa1=2", "train.ema_halflife_kimg=0.01", "optim.lr=1e-3", "optim.glr=1e-3",
+              f"data.cache_dir={tmp_path / 'cache'}"]  # the 2-rank run reads the cache the first run wrote
     one, two = tmp_path / "one", tmp_path / "two"
     # one process, 4 rounds of 1 sample per iteration, checkpoints at 2 and 3
     subprocess.run([sys.executable, *_distill(one, common)], env=_env(), check=True, capture_output=True,

@@ -91,9 +91,9 @@ class Cond:
         """Concatenate along the batch (e.g. ``[uncond; cond]`` for one batched CFG pass)."""
         if not conds:
             raise ValueError("Cond.cat needs at least one Cond")
-        keys = list(conds[0].tensors)
+        keys = list(conds[0].tensors)  # field order follows the first Cond (caches may reorder fields)
         for c in conds[1:]:
-            if list(c.tensors) != keys:
+            if set(c.tensors) != set(keys):
                 raise ValueError(f"Cond.cat: mismatched fields {keys} vs {list(c.tensors)}")
             if dict(c.meta) != dict(conds[0].meta):
                 raise ValueError(f"Cond.cat: mismatched meta {dict(conds[0].meta)} vs {dict(c.meta)}")

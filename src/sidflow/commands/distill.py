@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ def _run_pipeline(config: SiDConfig, run_dir: Path) -> dict[str, Any]:
     from sidflow.pipeline_runner import run_pipeline  # lazy: diffusers
 
     result = run_pipeline(config, run_dir, progress=True)
+    if result.get("rank", 0):  # under torchrun only rank 0 reports
+        return result
     final = result.get("final", {})
     for key in (k for k in final if k.startswith("fid_")):
         steps = key.removeprefix("fid_")
@@ -88,6 +91,9 @@ def main(argv: list[str]) -> int:
     if args.dry_run:
         print(to_json(config))
         return 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and config.teacher.kind != "pipeline":
+        raise ConfigError(f"teacher.kind={config.teacher.kind!r} runs in one process; launch it without "
+                          "torchrun (only teacher.kind=pipeline is multi-process)")
     runner = RUNNERS.get(config.teacher.kind)
     if runner is None:
         raise ConfigError(f"teacher.kind={config.teacher.kind!r} has no runner; choose one of: "
