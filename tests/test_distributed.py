@@ -164,7 +164,10 @@ def _distill(run: Path, overrides: list[str]) -> list[str]:
     return ["-m", "sidflow.cli", "distill", "--preset", "sd3-medium-4step", "--run-dir", str(run), *overrides]
 
 
-def test_two_ranks_resume_a_one_process_run_and_match_it(tmp_path):
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A one-process run (4 rounds of 1 sample per iteration, checkpoints at 2 and 3) and its overrides."""
+    tmp_path = tmp_path_factory.mktemp("one_process")
     teacher = tiny_pipeline("sd3", tmp_path / "pipes")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\na blue ball\na green cone\n")
@@ -173,20 +176,29 @@ def test_two_ranks_resume_a_one_process_run_and_match_it(tmp_path):
               "train.total_kimg=none", "train.max_steps=3", "train.ckpt_every=2", "train.log_every=1",
               "eval.kind=none", "eval.grid_size=2", "eval.teacher_grid_steps=1", "eval.student_steps=1",
               "guidance.kappa1=2", "train.ema_halflife_kimg=0.01", "optim.lr=1e-3", "optim.glr=1e-3",
-              f"data.cache_dir={tmp_path / 'cache'}"]  # the 2-rank run reads the cache the first run wrote
-    one, two = tmp_path / "one", tmp_path / "two"
-    # one process, 4 rounds of 1 sample per iteration, checkpoints at 2 and 3
+              f"data.cache_dir={tmp_path / 'cache'}"]  # the 2-rank runs read the cache this run wrote
+    one = tmp_path / "one"
     subprocess.run([sys.executable, *_distill(one, common)], env=_env(), check=True, capture_output=True,
                    timeout=300)
+    return one, common
+
+
+@pytest.mark.parametrize("sharding", ["none", "fsdp2"])
+def test_two_ranks_resume_a_one_process_run_and_match_it(one_process_run, tmp_path, sharding):
+    """2 ranks (data parallel, or FSDP2-sharded) resume the one-process run at iteration 2 and match
+    its iteration-3 checkpoint; under FSDP2 the checkpoint is gathered and the export is the EMA."""
+    one, common = one_process_run
+    two = tmp_path / "two"
     # its state at iteration 2, resumed by 2 ranks (2 rounds of 1 sample each) for the 3rd iteration
     shutil.copytree(one, two, ignore=shutil.ignore_patterns("step-00000003", "metrics.json", "tensorboard"))
     rows1 = [json.loads(r) for r in (one / "log.jsonl").read_text().splitlines()]
     (two / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows1[:2]))
-    out = _torchrun(_distill(two, common))
+    out = _torchrun(_distill(two, [*common, f"train.sharding={sharding}"]))
     assert out.stdout.count("resumed from") == 1   # printed by rank 0; every rank loads it
+    assert out.stdout.count("networks sharded over 2 ranks") == (sharding == "fsdp2")
 
     metrics = json.loads((two / "metrics.json").read_text())
-    assert metrics["iterations"] == 3 and metrics["world_size"] == 2
+    assert metrics["iterations"] == 3 and metrics["world_size"] == 2 and metrics["sharding"] == sharding
     ours, ref, start = _weights(two, 3), _weights(one, 3), _weights(one, 2)
     assert set(ours) == set(ref) and any(k.startswith("ema/") for k in ref)
     assert any(not torch.equal(start[k], v) for k, v in ref.items())   # the step moved the weights
@@ -199,3 +211,9 @@ def test_two_ranks_resume_a_one_process_run_and_match_it(tmp_path):
     assert rows2[2]["loss_gen"] == pytest.approx(rows1[2]["loss_gen"], rel=1e-4, abs=1e-6)
     for name in ("report.md", "samples.png", "generator_pipeline/model_index.json"):
         assert (two / name).exists(), name
+    # the exported transformer is the (gathered) EMA generator of the final checkpoint
+    exported = load_file(two / "generator_pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
+    ema = {k.removeprefix("ema/transformer."): v for k, v in ours.items() if k.startswith("ema/transformer.")}
+    assert ema and set(ema) <= set(exported)
+    assert all(torch.equal(exported[k], v) for k, v in ema.items())
+    assert not all(torch.equal(exported[k], start["ema/transformer." + k]) for k in ema)   # not stale

@@ -259,3 +259,44 @@ def test_two_ranks_match_one_process(tmp_path):
         got = torch.load(tmp_path / f"gen{rank}.pt")
         for key, value in single.generator.state_dict().items():
             assert torch.allclose(got[key], value, atol=1e-10), (rank, key)
+
+
+def _nonfinite_worker(rank, world, init_file, out_dir):
+    """Rank 0's teacher is NaN on every sample (its uncond pass), rank 1's is finite."""
+    import json
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    outcome = {}
+    for frac in (0.5, 0.4):   # limit 0.5 * 8 = 4 samples: 4 bad pass; 0.4 * 8 = 3.2: 4 bad abort
+        tr = _mlp_trainer(4, rank=rank, world_size=world,
+                          train=TrainConfig(batch=8, batch_gpu=2, seed=3, max_nonfinite_frac=frac))
+        if rank == 0:
+            tr.teacher = NaNOnLabel(tr.teacher, label=4)   # GMMCondSource(4).uncond is label 4
+        try:
+            m = tr.generator_phase(0)
+            outcome[str(frac)] = [m["nonfinite_gen"], tr.nonfinite_total["gen"]]
+        except NonFiniteError as err:
+            outcome[str(frac)] = str(err)
+    with open(f"{out_dir}/nonfinite{rank}.json", "w") as fh:
+        json.dump(outcome, fh)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_nonfinite_limit_is_job_wide_so_all_ranks_abort_together(tmp_path):
+    """4 of the global 8 samples are bad, all on rank 0: the limit applies to the job's count."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_nonfinite_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"nonfinite{rank}.json").read_text()) for rank in range(2)]
+    # per-step metric: this rank's count (reduce_metrics sums it); running total: the job's
+    assert [g["0.5"] for g in got] == [[4, 4], [0, 4]]
+    for g in got:
+        assert g["0.4"].startswith("4/8 non-finite samples in the gen phase"), g

@@ -119,6 +119,9 @@ class TrainConfig:
     ckpt_every: int = 500          # iterations between checkpoints (0 = only at the end)
     ema_halflife_kimg: float = 0.0   # generator EMA half-life; 0 = off
     max_nonfinite_frac: float = 0.1  # abort with NonFiniteError past this fraction of a phase's samples
+    # FSDP2 fully_shard per transformer block, then per transformer (spec 16); needs torchrun with
+    # > 1 process (pipeline teachers): a single process runs unsharded and says so
+    sharding: Literal["none", "fsdp2"] = "none"
 
     def __post_init__(self) -> None:
         _validate(self)

@@ -11,10 +11,12 @@ gradient equals the single-process one up to float summation order.
 gloo on the CPU. Without ``WORLD_SIZE`` (or with ``WORLD_SIZE=1``) it is a no-op single process.
 Every helper below is a no-op when no process group is initialised.
 
-FSDP2 (spec 16, not yet wired into the runner): :func:`shard_networks` applies ``fully_shard`` per
-transformer block then per transformer; :func:`gather_state` / :func:`shard_state_like` turn the
-trainer's sharded state into a full checkpoint and back. Note that transformers' ``save_pretrained``
-writes nothing on ranks other than 0 once a process group exists.
+FSDP2 (spec 16, ``train.sharding=fsdp2`` in :mod:`sidflow.pipeline_runner`): :func:`shard_networks`
+applies ``fully_shard`` per transformer block then per transformer; :func:`gather_state` /
+:func:`shard_state_like` turn the trainer's sharded state into a full checkpoint and back;
+:func:`gather_into_` fills rank 0's unsharded copy of the generator for evaluation and export;
+:func:`set_gradient_sync` is FSDP's ``no_sync`` for the non-final accumulation rounds. Note that
+transformers' ``save_pretrained`` writes nothing on ranks other than 0 once a process group exists.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from sidflow.errors import ConfigError
 
 __all__ = ["DistContext", "init_from_env", "shutdown", "is_distributed", "barrier", "broadcast_object",
            "broadcast_module_", "all_reduce_mean_", "reduce_metrics", "sum_over_ranks", "shard_networks",
-           "gather_state", "shard_state_like", "TIMEOUT_ENV", "BUCKET_BYTES"]
+           "gather_state", "shard_state_like", "gather_into_", "set_gradient_sync", "fsdp_mesh", "TIMEOUT_ENV",
+           "BUCKET_BYTES"]
 
 TIMEOUT_ENV = "SIDFLOW_DIST_TIMEOUT_MIN"   # collective timeout; rank 0 evaluates while the others wait
 _DEFAULT_TIMEOUT_MIN = 120.0
@@ -295,15 +298,73 @@ def shard_networks(teacher: nn.Module, fake: nn.Module, generator: nn.Module, me
         fully_shard(root, mesh=mesh, reshard_after_forward=reshard_after_forward)
 
 
-def gather_state(state: dict[str, Any]) -> dict[str, Any]:
+def fsdp_mesh(device: torch.device):
+    """The 1-D device mesh of all ranks on ``device``'s type (``cuda`` under NCCL, ``cpu`` under gloo)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def set_gradient_sync(module: nn.Module, enabled: bool) -> None:
+    """FSDP2's ``set_requires_gradient_sync`` on every sharded submodule (no-op on unsharded modules).
+
+    ``False`` on all but the last accumulation round (spec 16, FSDP1's ``no_sync``): the rounds then
+    accumulate unsharded gradients locally and the last backward reduce-scatters their sum once.
+    """
+    if not is_distributed():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.set_requires_gradient_sync(enabled, recurse=False)
+
+
+def _full(value: Tensor, device: torch.device | str | None) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    value = value.full_tensor() if isinstance(value, DTensor) else value
+    return value if device is None else value.to(device)
+
+
+def gather_state(state: dict[str, Any], *, device: torch.device | str | None = None,
+                 rank0_only: bool = False) -> dict[str, Any]:
     """A trainer state dict (``{"tensors", "scalars"}``) with every sharded tensor gathered in full.
 
     Collective under FSDP2: every rank must call it; rank 0 then writes the checkpoint.
-    """
-    from torch.distributed.tensor import DTensor
 
-    tensors = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state["tensors"].items()}
+    Args:
+        state: :meth:`~sidflow.trainer.SiDTrainer.state_dict` of a (possibly FSDP2-sharded) trainer.
+        device: where each gathered tensor goes as soon as it is gathered (``"cpu"``: the full state
+            never sits on the GPU at once); None keeps it where the all-gather left it.
+        rank0_only: other ranks drop each gathered tensor at once and get no tensors back.
+    """
+    keep = not rank0_only or not is_distributed() or dist.get_rank() == 0
+    tensors = {}
+    for key, value in state["tensors"].items():
+        full = _full(value, device)
+        if keep:
+            tensors[key] = full
     return {"tensors": tensors, "scalars": state["scalars"]}
+
+
+def gather_into_(module: nn.Module | None, state: dict[str, Tensor]) -> None:
+    """Copy ``state`` (sharded or not) into ``module`` tensor by tensor; ``module`` None: only gather.
+
+    Collective under FSDP2: every rank calls it, rank 0 (say) with its unsharded scratch module and
+    the others with None, so at most one full tensor is alive at a time on the other ranks.
+
+    Raises:
+        ConfigError: the keys of ``state`` and ``module``'s state dict differ.
+    """
+    target = module.state_dict() if module is not None else None
+    if target is not None and set(target) != set(state):
+        raise ConfigError(f"state and module disagree on keys, e.g. {sorted(set(target) ^ set(state))[:3]}")
+    with torch.no_grad():
+        for key, value in state.items():
+            full = _full(value, None)
+            if target is not None:
+                target[key].copy_(full)
 
 
 def shard_state_like(state: dict[str, Any], trainer) -> dict[str, Any]:

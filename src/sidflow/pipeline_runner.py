@@ -7,6 +7,11 @@ two SiD phases (:class:`sidflow.trainer.SiDTrainer`) with a progress bar, period
 TensorBoard scalars and atomic checkpoints. The run folder ends with ``config.json``,
 ``metrics.json``, ``log.jsonl``, sample grids, a metric plot, ``report.md`` and the generator
 exported as a stock diffusers pipeline (``generator_pipeline/``, spec 15).
+
+Under ``torchrun`` with ``train.sharding=fsdp2`` the three networks are FSDP2-sharded (spec 16):
+rank 0 keeps the unsharded teacher and an unsharded scratch copy of the generator for evaluation and
+export; before each evaluation every rank gathers the generator (EMA if on) into that copy, and
+every checkpoint is gathered in full (to CPU) on rank 0; resuming re-shards it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import copy
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +35,13 @@ from sidflow.distributed import (
     barrier,
     broadcast_module_,
     broadcast_object,
+    fsdp_mesh,
+    gather_into_,
+    gather_state,
     init_from_env,
     reduce_metrics,
+    shard_networks,
+    shard_state_like,
     shutdown,
 )
 from sidflow.errors import CheckpointError, ConfigError
@@ -77,7 +88,7 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _resume(trainer: SiDTrainer, run_dir: Path, ctx: DistContext) -> None:
+def _resume(trainer: SiDTrainer, run_dir: Path, ctx: DistContext, sharded: bool) -> None:
     """Every rank loads the checkpoint rank 0 found (the run folder must be shared by all nodes)."""
     ckpt = broadcast_object(latest_checkpoint(run_dir) if ctx.is_main else None)
     if ckpt is None:
@@ -85,22 +96,61 @@ def _resume(trainer: SiDTrainer, run_dir: Path, ctx: DistContext) -> None:
     if not Path(ckpt).is_dir():
         raise CheckpointError(f"rank {ctx.rank} cannot read {ckpt}; put the run folder on a file system "
                               "shared by every node")
-    state, _ = load_checkpoint(ckpt, device=trainer.device)
-    trainer.load_state_dict(state)
+    # sharded: read the full checkpoint on the CPU; each tensor goes to the device as its shard
+    state, _ = load_checkpoint(ckpt, device="cpu" if sharded else trainer.device)
+    trainer.load_state_dict(shard_state_like(state, trainer) if sharded else state)
     if ctx.is_main:
         print(f"resumed from {ckpt} (iteration {trainer.iteration})")
 
 
-def _save(trainer: SiDTrainer, run_dir: Path, config: SiDConfig) -> Path:
-    return save_checkpoint(run_dir, trainer.iteration, trainer.state_dict(), to_dict(config))
+def _save(trainer: SiDTrainer, run_dir: Path, config: SiDConfig, ctx: DistContext, sharded: bool
+          ) -> Path | None:
+    """Rank 0 writes a checkpoint (collective under FSDP2: every rank calls it); None elsewhere."""
+    state = gather_state(trainer.state_dict(), device="cpu", rank0_only=True) if sharded else None
+    if not ctx.is_main:
+        return None
+    return save_checkpoint(run_dir, trainer.iteration, state or trainer.state_dict(), to_dict(config))
 
 
-def _ema_generator(trainer: SiDTrainer, scratch: torch.nn.Module | None) -> torch.nn.Module:
-    """The generator to evaluate: the EMA weights (loaded into a scratch copy) when EMA is on."""
-    if trainer.ema is None or scratch is None:
+def _eval_generator(trainer: SiDTrainer, scratch: torch.nn.Module | None, sharded: bool
+                    ) -> torch.nn.Module | None:
+    """The generator rank 0 evaluates and exports: the EMA weights when on, in the scratch copy.
+
+    Under FSDP2 the (EMA) generator is gathered into rank 0's scratch copy, a collective every rank
+    joins (the others get None).
+    """
+    if not sharded and (trainer.ema is None or scratch is None):
         return trainer.generator
-    scratch.load_state_dict(generator_state_dict(trainer, ema=True))
+    gather_into_(scratch, generator_state_dict(trainer, ema=True))
     return scratch
+
+
+def use_fsdp2(config: SiDConfig, world_size: int) -> bool:
+    """``train.sharding=fsdp2`` under torchrun; a single process runs unsharded (with a note)."""
+    if config.train.sharding != "fsdp2":
+        return False
+    if world_size == 1:
+        print("note: train.sharding=fsdp2 shards over torchrun ranks; one process runs unsharded")
+        return False
+    return True
+
+
+def _shard(networks: tuple, ctx: DistContext) -> tuple[tuple, torch.nn.Module | None]:
+    """FSDP2-shard ``(teacher, fake, generator)``; rank 0 keeps unsharded teacher and generator copies.
+
+    Rank 0 shards a copy of the teacher (the adapter's own denoiser stays whole for the teacher
+    grids of the report) and returns a frozen scratch copy of the generator; other ranks shard the
+    teacher in place and get no scratch.
+    """
+    teacher, fake, generator = networks
+    scratch = None
+    if ctx.is_main:
+        scratch = copy.deepcopy(generator).requires_grad_(False)
+        teacher = copy.deepcopy(teacher)
+    shard_networks(teacher, fake, generator, fsdp_mesh(ctx.device))
+    if ctx.is_main:
+        print(f"train.sharding=fsdp2: networks sharded over {ctx.world_size} ranks")
+    return (teacher, fake, generator), scratch
 
 
 def _log(writer, log_path: Path, row: dict[str, Any]) -> None:
@@ -128,18 +178,38 @@ def _prompt_source(config: SiDConfig, teacher, device: torch.device, ctx: DistCo
     return source if source is not None else build()
 
 
-def _build(config: SiDConfig, run_dir: Path, ctx: DistContext):
-    """``(teacher, latent_shape, trainer)`` on this rank, resumed; networks identical on every rank."""
+@dataclass
+class _Run:
+    """What one rank trains with: the teacher adapter, the trainer and rank 0's scratch generator."""
+
+    teacher: Any
+    latent_shape: tuple[int, ...]
+    trainer: SiDTrainer
+    scratch: torch.nn.Module | None
+    sharded: bool
+
+
+def _build(config: SiDConfig, run_dir: Path, ctx: DistContext, sharded: bool) -> _Run:
+    """This rank's networks and trainer, resumed; identical on every rank (up to FSDP2 shards).
+
+    The scratch generator (rank 0 only) receives the weights to evaluate: EMA ones, or under FSDP2
+    the gathered ones.
+    """
     teacher = load_run_teacher(config, ctx.device)
     latent_shape = teacher.latent_shape(config.data.resolution)
     source = _prompt_source(config, teacher, ctx.device, ctx)
     networks = teacher.make_denoisers(gradient_checkpointing=config.teacher.gradient_checkpointing == "on")
     for net in networks[1:]:   # before the trainer snapshots its EMA (DDP's sync_module_states)
         broadcast_module_(net)
+    scratch = None
+    if sharded:
+        networks, scratch = _shard(networks, ctx)
+    elif config.train.ema_halflife_kimg > 0 and ctx.is_main:
+        scratch = copy.deepcopy(networks[2]).requires_grad_(False)
     trainer = SiDTrainer(*networks, source, latent_shape, config, ctx.device, rank=ctx.rank,
                          world_size=ctx.world_size)
-    _resume(trainer, run_dir, ctx)
-    return teacher, latent_shape, trainer
+    _resume(trainer, run_dir, ctx, sharded)
+    return _Run(teacher, latent_shape, trainer, scratch, sharded)
 
 
 def run_pipeline(config: SiDConfig, run_dir: Path, *, progress: bool = True) -> dict[str, Any]:
@@ -152,8 +222,8 @@ def run_pipeline(config: SiDConfig, run_dir: Path, *, progress: bool = True) -> 
     start = time.perf_counter()
     ctx = init_from_env()
     try:
-        teacher, latent_shape, trainer = _build(config, run_dir, ctx)
-        result = _train(config, run_dir, ctx, teacher, latent_shape, trainer, progress, start)
+        run = _build(config, run_dir, ctx, use_fsdp2(config, ctx.world_size))
+        result = _train(config, run_dir, ctx, run, progress, start)
         barrier()   # the others return only once rank 0 has written metrics.json
     finally:
         shutdown(ctx)
@@ -163,23 +233,27 @@ def run_pipeline(config: SiDConfig, run_dir: Path, *, progress: bool = True) -> 
     return result
 
 
-def _train(config: SiDConfig, run_dir: Path, ctx: DistContext, teacher, latent_shape, trainer: SiDTrainer,
-           progress: bool, start: float) -> dict[str, Any]:
-    """The training loop; rank 0 also evaluates, logs, checkpoints and finishes the run folder."""
+def _train(config: SiDConfig, run_dir: Path, ctx: DistContext, run: _Run, progress: bool, start: float
+           ) -> dict[str, Any]:
+    """The training loop; rank 0 also evaluates, logs, checkpoints and finishes the run folder.
+
+    Evaluation points are decided from the config alone, so under FSDP2 every rank joins the
+    generator gather of each one (and of each checkpoint) while only rank 0 scores and writes.
+    """
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
-    main = ctx.is_main
-    evaluation = make_evaluation(config, teacher, latent_shape, ctx.device) if main else None
-    scratch = (copy.deepcopy(trainer.generator).requires_grad_(False)
-               if trainer.ema is not None and main else None)
+    main, trainer = ctx.is_main, run.trainer
+    evaluation = make_evaluation(config, run.teacher, run.latent_shape, ctx.device) if main else None
     total = config.train.num_steps()
     eval_every = (math.ceil(config.eval.every_kimg * 1000 / config.train.batch)
-                  if config.eval.every_kimg > 0 else 0)
+                  if config.eval.every_kimg > 0 and config.eval.kind != "none" else 0)
     log_path, history = run_dir / "log.jsonl", []
     writer = SummaryWriter(str(run_dir / "tensorboard")) if main else None
-    if evaluation is not None and trainer.iteration == 0 and eval_every:
-        history.append(evaluation.score_student(_ema_generator(trainer, scratch), trainer.images_seen))
+    if eval_every and trainer.iteration == 0:
+        student = _eval_generator(trainer, run.scratch, run.sharded)
+        if main:
+            history.append(evaluation.score_student(student, trainer.images_seen))
     bar = tqdm(total=total, initial=trainer.iteration, desc="SiD", unit="it", disable=not (progress and main),
                dynamic_ncols=True)
     train_seconds = 0.0
@@ -193,22 +267,24 @@ def _train(config: SiDConfig, run_dir: Path, ctx: DistContext, teacher, latent_s
         it = trainer.iteration
         if main and (it % config.train.log_every == 0 or it == total):
             _log(writer, log_path, metrics)
-        if evaluation is not None and eval_every and it % eval_every == 0 and it != total:
-            row = evaluation.score_student(_ema_generator(trainer, scratch), trainer.images_seen)
-            history.append(row)
-            _log(writer, log_path, row)
-            bar.write(evaluation.describe(row))
-        if main and config.train.ckpt_every and it % config.train.ckpt_every == 0 and it != total:
-            _save(trainer, run_dir, config)
+        if eval_every and it % eval_every == 0 and it != total:
+            student = _eval_generator(trainer, run.scratch, run.sharded)
+            if main:
+                row = evaluation.score_student(student, trainer.images_seen)
+                history.append(row)
+                _log(writer, log_path, row)
+                bar.write(evaluation.describe(row))
+        if config.train.ckpt_every and it % config.train.ckpt_every == 0 and it != total:
+            _save(trainer, run_dir, config, ctx, run.sharded)
     bar.close()
     result: dict[str, Any] = {"iterations": trainer.iteration, "images_seen": trainer.images_seen,
                               "train_seconds": train_seconds}
+    ckpt = _save(trainer, run_dir, config, ctx, run.sharded)
+    final_gen = _eval_generator(trainer, run.scratch, run.sharded)
     if not main:
         return {"rank": ctx.rank, **result}
-    ckpt = _save(trainer, run_dir, config)
-    final_gen = _ema_generator(trainer, scratch)
     result.update(checkpoint=str(ckpt.relative_to(run_dir)), nonfinite_total=trainer.nonfinite_total,
-                  world_size=ctx.world_size)
+                  world_size=ctx.world_size, sharding="fsdp2" if run.sharded else "none")
     if evaluation is not None:
         final = evaluation.score_student(final_gen, trainer.images_seen)
         history.append(final)
@@ -219,7 +295,7 @@ def _train(config: SiDConfig, run_dir: Path, ctx: DistContext, teacher, latent_s
     result["wall_seconds_before_report"] = time.perf_counter() - start
     from sidflow.run_report import finish_run  # lazy: matplotlib
 
-    finish_run(run_dir, config, teacher, final_gen, latent_shape, evaluation, result)
+    finish_run(run_dir, config, run.teacher, final_gen, run.latent_shape, evaluation, result)
     return result
 
 

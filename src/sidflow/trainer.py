@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from sidflow import rng
 from sidflow.config import SiDConfig
 from sidflow.denoiser import Cond, CondSource, Denoiser
-from sidflow.distributed import all_reduce_mean_, is_distributed
+from sidflow.distributed import all_reduce_mean_, is_distributed, set_gradient_sync, sum_over_ranks
 from sidflow.errors import CheckpointError, ConfigError, NonFiniteError
 from sidflow.flow import add_noise, t_from_variate, x0_from_velocity
 from sidflow.generator import generator_step_times, sample_generator
@@ -205,18 +205,26 @@ class SiDTrainer:
             torch.nn.utils.clip_grad_value_(params, self.config.optim.grad_clip)
 
     def _check_nonfinite(self, phase: str, bad: int) -> None:
-        self.nonfinite_total[phase] += bad
-        limit = self.config.train.max_nonfinite_frac
-        if bad > limit * self.batch_rank:
-            raise NonFiniteError(f"{bad}/{self.batch_rank} non-finite samples in the {phase} phase of "
+        """Count ``bad`` (this rank's) job-wide; every rank raises together past the limit."""
+        total = sum_over_ranks(bad) if self.world_size > 1 else bad
+        self.nonfinite_total[phase] += total
+        limit, batch = self.config.train.max_nonfinite_frac, self.config.train.batch
+        if total > limit * batch:
+            raise NonFiniteError(f"{total}/{batch} non-finite samples in the {phase} phase of "
                                  f"iteration {self.iteration} (limit {limit:.0%}); lower the learning rate "
                                  "or raise train.max_nonfinite_frac")
 
     def _accumulate(self, phase: str, iteration: int, round_loss: Callable[[Draws], tuple[Tensor, int]]
                     ) -> tuple[Tensor, int]:
-        """R rounds of draw -> loss -> backward; returns the summed loss and non-finite count."""
+        """R rounds of draw -> loss -> backward; returns the summed loss and this rank's non-finite count.
+
+        Under FSDP2 the trained network reduce-scatters its gradients only in the last round (spec 16,
+        FSDP's ``no_sync``); earlier rounds accumulate unsharded gradients locally.
+        """
+        trained = self.fake if phase == "fake" else self.generator
         loss, bad = torch.zeros((), device=self.device), 0
         for r in range(self.rounds):
+            set_gradient_sync(trained, r == self.rounds - 1)
             value, n_bad = round_loss(self.draw(phase, iteration, r))
             value.backward()
             loss, bad = loss + value.detach(), bad + n_bad
