@@ -217,3 +217,17 @@ def test_two_ranks_resume_a_one_process_run_and_match_it(one_process_run, tmp_pa
     assert ema and set(ema) <= set(exported)
     assert all(torch.equal(exported[k], v) for k, v in ema.items())
     assert not all(torch.equal(exported[k], start["ema/transformer." + k]) for k in ema)   # not stale
+
+
+def test_fsdp2_setting_and_its_single_process_fallback(capsys):
+    from sidflow.config import SiDConfig, TrainConfig, apply_overrides
+    from sidflow.pipeline_runner import use_fsdp2
+
+    fsdp2 = apply_overrides(SiDConfig(), ["train.sharding=fsdp2"])
+    assert fsdp2.train == TrainConfig(sharding="fsdp2") and SiDConfig().train.sharding == "none"
+    with pytest.raises(ConfigError, match="sharding"):
+        apply_overrides(SiDConfig(), ["train.sharding=ddp"])
+    assert use_fsdp2(fsdp2, world_size=2) and not use_fsdp2(SiDConfig(), world_size=2)
+    assert capsys.readouterr().out == ""
+    assert not use_fsdp2(fsdp2, world_size=1)   # one process: unsharded, with a note
+    assert "one process runs unsharded" in capsys.readouterr().out
