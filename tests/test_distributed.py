@@ -4,8 +4,9 @@ Every draw of the trainer is keyed by the global sample index, so two ranks with
 global batch each (and averaged gradients) must end with the weights of one process that sees the
 whole batch, up to float32 summation order. Checked through the real CLI entry
 (``python -m torch.distributed.run ... -m sidflow.cli distill``: 2 ranks resume a one-process run
-and land on its weights), and at the trainer level with FSDP2-sharded networks (multi-step, plus a
-gathered-checkpoint round trip). The coalesced gradient all-reduce equals the per-parameter one.
+and land on its weights, data parallel or with ``train.sharding=fsdp2``), and at the trainer level
+with FSDP2-sharded networks (multi-step, one reduce-scatter per accumulation, plus a gathered-checkpoint
+round trip). The coalesced gradient all-reduce equals the per-parameter one.
 """
 
 from __future__ import annotations
@@ -118,8 +119,14 @@ _WORKER = textwrap.dedent("""
     tr = sharded_trainer()
     w = tr.generator.transformer.transformer_blocks[0].ff.net[0].proj.weight
     assert isinstance(w, DTensor) and w.to_local().numel() * 2 == w.numel()   # really sharded
+    reduce_scatter, calls = dist.reduce_scatter_single, []   # what FSDP2 reduce-scatters grads with
+    dist.reduce_scatter_single = lambda *a, **k: calls.append(1) or reduce_scatter(*a, **k)
     for _ in range(2):
         ref.step(), tr.step()
+    dist.reduce_scatter_single = reduce_scatter
+    # 2 rounds per rank, gradient sync on the last only: each block and root once per phase and step
+    groups = len(tr.generator.transformer.transformer_blocks) + 1
+    assert len(calls) == 2 * 2 * groups, (len(calls), groups)
     assert_matches(tr)
     full = sd.gather_state(tr.state_dict())
     resumed = sharded_trainer()                                   # fresh shards, load the full checkpoint
