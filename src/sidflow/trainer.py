@@ -16,7 +16,7 @@ index) (:mod:`sidflow.rng`): results do not depend on ``b`` or on the number of 
 all-reduced (averaged) across ranks when ``torch.distributed`` is initialised, then ``nan_to_num``'d
 (nan -> 0, +-inf -> +-1e5) and optionally clipped by value before Adam ``betas=(0, 0.999)`` steps.
 Non-finite samples are excluded from the sums, counted in the metrics, and past
-``train.max_nonfinite_frac`` of a phase's samples training stops with :class:`NonFiniteError`.
+``train.max_nonfinite_frac`` of a phase's global batch (summed over ranks) all ranks raise NonFiniteError.
 """
 
 from __future__ import annotations
@@ -216,14 +216,10 @@ class SiDTrainer:
 
     def _accumulate(self, phase: str, iteration: int, round_loss: Callable[[Draws], tuple[Tensor, int]]
                     ) -> tuple[Tensor, int]:
-        """R rounds of draw -> loss -> backward; returns the summed loss and this rank's non-finite count.
-
-        Under FSDP2 the trained network reduce-scatters its gradients only in the last round (spec 16,
-        FSDP's ``no_sync``); earlier rounds accumulate unsharded gradients locally.
-        """
+        """R rounds of draw -> loss -> backward; returns the summed loss and this rank's non-finite count."""
         trained = self.fake if phase == "fake" else self.generator
         loss, bad = torch.zeros((), device=self.device), 0
-        for r in range(self.rounds):
+        for r in range(self.rounds):  # FSDP2: reduce-scatter only in the last round (spec 16, no_sync)
             set_gradient_sync(trained, r == self.rounds - 1)
             value, n_bad = round_loss(self.draw(phase, iteration, r))
             value.backward()
