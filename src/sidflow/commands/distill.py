@@ -100,7 +100,8 @@ def main(argv: list[str]) -> int:
                           f"{', '.join(sorted(RUNNERS))}")
     run_dir = args.run_dir or Path("runs") / config.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(to_json(config))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes the run folder
+        (run_dir / "config.json").write_text(to_json(config))
     metrics = runner(config, run_dir)
     if not (run_dir / "metrics.json").exists():
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))

@@ -1,0 +1,39 @@
+"""A shortened default run: `sidflow distill` on the bundled teacher, a few iterations, evaluation on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sidflow import cli
+from sidflow.commands.distill import DEFAULT_PRESET
+from sidflow.config import get_preset
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_preset_is_the_bundled_teacher():
+    config = get_preset(DEFAULT_PRESET)
+    assert config.teacher.kind == "pipeline" and config.teacher.path == "bundled"
+    assert config.eval.kind == "digits" and config.eval.num_samples == 1000
+
+
+def test_shortened_default_run(tmp_path):
+    run = tmp_path / "run"
+    rc = cli.main(["distill", "--run-dir", str(run), "train.max_steps=3", "train.batch=8", "train.batch_gpu=8",
+                   "eval.every_kimg=0.016", "eval.num_samples=100", "eval.grid_size=4"])
+    assert rc == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["iterations"] == 3
+    # evaluated before training, after 2 iterations and at the end, at 1 and 4 steps
+    assert [row["images_seen"] for row in metrics["history"]] == [0, 16, 24]
+    final = metrics["final"]
+    for steps in (1, 4):
+        assert 0.0 <= final[f"acc_{steps}step"] <= 1.0 and final[f"fid_{steps}step"] > 0
+    # the cached teacher baseline is read, not recomputed
+    assert metrics["teacher"]["best"]["fid"] > 0 and metrics["teacher"]["num_samples"] == 1000
+    report = (run / "report.md").read_text()
+    assert "teacher Euler" in report and "SiD student" in report
+    for name in ("samples.png", "metrics.png", "config.json", "log.jsonl"):
+        assert (run / name).is_file(), name
