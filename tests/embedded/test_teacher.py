@@ -65,3 +65,8 @@ def test_short_teacher_train_writes_a_loadable_pipeline(tmp_path):
     assert record["rf"]["steps"] == 3
     assert set(record["seconds"]) >= {"evaluator", "vae", "transformer", "total"}
     assert Evaluator.load(tmp_path / "evaluator").info["floor_samples"] == 1000
+    # re-measuring one guidance scale keeps the other scale's rows
+    assert main(["baseline", "--out", str(tmp_path), "--guidance", "2.0,3.0"]) == 0
+    rows = json.loads((tmp_path / "teacher_baseline.json").read_text())["rows"]
+    expected = [(1, 1.0, 1), (2, 1.0, 2), (1, 2.0, 2), (2, 2.0, 4), (1, 3.0, 2), (2, 3.0, 4)]
+    assert [(r["steps"], r["guidance"], r["nfe"]) for r in rows] == expected

@@ -54,14 +54,45 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     t.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    b = sub.add_parser("baseline", help="(re)measure the teacher baseline of a trained --out folder")
+    b.add_argument("--out", default="runs/teacher", help="folder written by 'sidflow teacher train'")
+    b.add_argument("--guidance", type=_floats, required=True,
+                   help="guidance scales to measure; rows of other scales already in the JSON are kept")
+    b.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     return p
+
+
+def _baseline(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from sidflow.embedded.baseline import measure_teacher
+    from sidflow.embedded.evaluator import Evaluator
+    from sidflow.embedded.pipeline import load_pipeline
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    path = out / "teacher_baseline.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    n = int(old.get("num_samples", 1000))
+    steps = tuple(sorted({r["steps"] for r in old.get("rows", [])})) or (1, 2, 4, 8, 16, 32, 64)
+    result = measure_teacher(load_pipeline(out / "teacher"), Evaluator.load(out / "evaluator"),
+                             guidances=args.guidance, steps=steps, n=n, out=path, keep=old.get("rows"))
+    best = result["best"]
+    print(f"[teacher] baseline -> {path}; best FID {best['fid']:.2f} ({best['steps']} steps, "
+          f"guidance {best['guidance']}, accuracy {best['accuracy']:.3f})")
+    return 0
 
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.action == "baseline":
+        return _baseline(args)
     if args.baseline_samples % 10:
         raise ConfigError(f"--baseline-samples must be a multiple of 10 (got {args.baseline_samples})")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     from sidflow.embedded.build import TeacherRecipe, build_teacher

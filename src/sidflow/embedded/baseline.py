@@ -72,13 +72,18 @@ def sample_teacher(pipe: StableDiffusion3Pipeline, es: EvalSet, *, steps: int, g
 
 def measure_teacher(pipe: StableDiffusion3Pipeline, evaluator: Evaluator, *, guidances: tuple[float, ...],
                     steps: tuple[int, ...] = STEPS, n: int = 1000, out: str | Path | None = None,
-                    progress: bool = True) -> dict:
-    """Score the teacher at every (steps, guidance); write the JSON to ``out`` after each row."""
+                    keep: list[dict] | None = None, progress: bool = True) -> dict:
+    """Score the teacher at every (steps, guidance); write the JSON to ``out`` after each row.
+
+    ``keep``: rows of an earlier measurement (same teacher and ``n``) for other guidance scales,
+    carried over unchanged.
+    """
     from tqdm.auto import tqdm
 
     es = eval_set(n)
+    kept = [r for r in (keep or []) if r["guidance"] not in guidances]
     result: dict = {"num_samples": n, "eval_seed": EVAL_SEED, "sampler": "StableDiffusion3Pipeline Euler",
-                    "floor_fid": evaluator.info.get("floor_fid"), "rows": []}
+                    "floor_fid": evaluator.info.get("floor_fid"), "rows": kept}
     grid = [(g, k) for g in guidances for k in steps]
     for g, k in tqdm(grid, desc="teacher baseline", disable=not progress):
         images, sec = sample_teacher(pipe, es, steps=k, guidance=g)
