@@ -32,6 +32,7 @@ def test_bundled_reference_stats_are_the_held_out_digits(evaluator, held_out):
     assert evaluator.fid(held_out.images) == pytest.approx(0.0, abs=1e-3)
 
 
+@pytest.mark.slow
 @needs_digits
 def test_fid_of_a_set_against_itself_is_zero_and_degraded_sets_score_worse(evaluator, held_out):
     feats, _ = evaluator.features_and_logits(held_out.images)
