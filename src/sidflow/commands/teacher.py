@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--evaluator-epochs", type=int, default=8,
                    help="classifier epochs over the training split")
     t.add_argument("--layers", type=int, default=4, help="transformer depth (joint blocks)")
-    t.add_argument("--guidance", type=_floats, default=(1.0,),
+    t.add_argument("--guidance", type=_floats, default=(1.0, 2.0),
                    help="baseline guidance scales, e.g. 1.0,1.5 (each costs 127 NFE per sample, x2 if CFG)")
     t.add_argument("--baseline-steps", type=_ints, default=(1, 2, 4, 8, 16, 32, 64),
                    help="baseline step counts")

@@ -39,7 +39,7 @@ class TeacherRecipe:
     heads: int = 4
     head_dim: int = 32
     layers: int = 4
-    guidances: tuple[float, ...] = (1.0,)
+    guidances: tuple[float, ...] = (1.0, 2.0)
     baseline_steps: tuple[int, ...] = STEPS
     baseline_samples: int = 1000
     limit_per_class: int | None = None  # train on a subset (tests only)
