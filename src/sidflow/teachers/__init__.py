@@ -109,6 +109,8 @@ def load_teacher(path_or_id: str | Path, *, family: str | None = None, time_scal
         raise TeacherLoadError(f"unsupported teacher family '{family}'; choose one of {', '.join(FAMILIES)}")
     if time_scale is None and sidecar and sidecar.get("time_scale") is not None:
         time_scale = float(sidecar["time_scale"])
+    if max_sequence_length is None and sidecar and sidecar.get("max_sequence_length") is not None:
+        max_sequence_length = int(sidecar["max_sequence_length"])  # the text length the teacher was trained with
     scale = resolve_time_scale(time_scale, name, DEFAULT_TIME_SCALE[family])
     kwargs = {"name": name, "time_scale": scale, "dtype": dtype, "text_encoder_dtype": text_encoder_dtype,
               "device": device}
