@@ -23,7 +23,7 @@ from sidflow.errors import ConfigError
 __all__ = ["main", "RUNNERS", "register_runner", "DEFAULT_PRESET", "resolve_config"]
 
 Runner = Callable[[SiDConfig, Path], dict[str, Any]]
-DEFAULT_PRESET = "gmm-2d"
+DEFAULT_PRESET = "digits"  # the bundled tiny SD3 teacher (sidflow.presets)
 
 
 def _run_gmm(config: SiDConfig, run_dir: Path) -> dict[str, Any]:
