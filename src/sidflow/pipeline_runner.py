@@ -45,10 +45,11 @@ from sidflow.distributed import (
     shutdown,
 )
 from sidflow.errors import CheckpointError, ConfigError
-from sidflow.evaluation import StudentEvaluation, make_evaluation, sample_student
+from sidflow.evaluation import make_evaluation, sample_student
 from sidflow.trainer import SiDTrainer, generator_state_dict
 
-__all__ = ["run_pipeline", "resolve_teacher_path", "resolve_prompts", "load_run_generator", "BUNDLED"]
+__all__ = ["run_pipeline", "resolve_teacher_path", "resolve_prompts", "load_run_generator", "sample_run",
+           "BUNDLED"]
 
 BUNDLED = "bundled"   # teacher.path naming the tiny SD3 teacher shipped in sidflow/assets/teacher
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -329,5 +330,3 @@ def sample_run(run_dir: Path, prompts: list[str], *, steps: int | None = None, s
                              steps=steps or config.generator.num_steps, seed=seed, device=teacher.device)
     return teacher.decode_latents(latents)
 
-
-__all__ += ["sample_run", "StudentEvaluation"]
