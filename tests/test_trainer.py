@@ -157,6 +157,25 @@ def test_draws_do_not_depend_on_micro_batch_or_rank():
     assert not torch.equal(a.draw("fake", 5, 0).eps, da[0].eps)  # phases draw independently
 
 
+def test_k_is_uniform_by_default_and_follows_k_weights():
+    uniform = _mlp_trainer(2, num_steps=4)
+    counts = torch.bincount(torch.tensor([uniform.k_for(i) for i in range(4000)]), minlength=5)[1:]
+    assert counts.min() > 900 and counts.max() < 1100  # 1000 each expected (sd ~27)
+    weighted = _mlp_trainer(2, num_steps=4, generator=GeneratorConfig(num_steps=4, k_weights=(3, 0, 1, 0)))
+    ks = torch.tensor([weighted.k_for(i) for i in range(4000)])
+    assert set(ks.tolist()) == {1, 3}
+    assert abs((ks == 1).float().mean().item() - 0.75) < 0.03
+    rank1 = _mlp_trainer(2, num_steps=4, rank=1, world_size=2,
+                         generator=GeneratorConfig(num_steps=4, k_weights=(3, 0, 1, 0)))
+    assert [rank1.k_for(i) for i in range(50)] == ks[:50].tolist()  # same k on every rank
+
+
+@pytest.mark.parametrize("weights", [(1, 1, 1), (1, -1, 1, 1), (0, 0, 0, 0)])
+def test_bad_k_weights_are_refused(weights):
+    with pytest.raises(ConfigError, match="k_weights"):
+        GeneratorConfig(num_steps=4, k_weights=weights)
+
+
 def test_step_metrics_requires_grad_and_frozen_teacher():
     tr = _mlp_trainer(4)
     teacher_before = [p.clone() for p in tr.teacher.parameters()]

@@ -56,11 +56,18 @@ class GeneratorConfig:
     t_init: float = 1.0            # time of the first step (999/999)
     noise_type: Literal["fresh", "fixed", "ddim"] = "fresh"
     shift: float | None = None     # SD3 step-time warp (3.0), None = off
+    # relative odds of training k = 1..K steps in an iteration; None = uniform (the paper, spec 3.3)
+    k_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
         if self.num_steps < 1 or not 0 < self.t_init <= 1:
             raise ConfigError("generator.num_steps must be >= 1 and generator.t_init in (0, 1]")
+        w = self.k_weights
+        if w is not None and (len(w) != self.num_steps or min(w) < 0 or sum(w) <= 0):
+            raise ConfigError(f"generator.k_weights={','.join(map(str, w))} needs {self.num_steps} "
+                              "non-negative values (one per k = 1..num_steps) with a positive sum, "
+                              "or none for the uniform draw")
 
 
 @dataclass(frozen=True)

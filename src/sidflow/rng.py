@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["key_seed", "keyed_generator", "randn_per_sample", "rand_per_sample", "randint_per_sample",
-           "randint_keyed"]
+           "randint_keyed", "choice_keyed"]
 
 
 def key_seed(*key: int | str) -> int:
@@ -74,3 +74,14 @@ def randint_keyed(low: int, high: int, *, seed: int, iteration: int, stream: str
     """
     gen = keyed_generator(seed, iteration, stream)
     return int(torch.randint(low, high + 1, (1,), generator=gen))
+
+
+def choice_keyed(weights: Sequence[float], *, seed: int, iteration: int, stream: str) -> int:
+    """One index in ``[0, len(weights))`` drawn with probability proportional to ``weights``.
+
+    Keyed like :func:`randint_keyed`: every rank draws the same index without a broadcast.
+    """
+    probs = torch.tensor([float(w) for w in weights], dtype=torch.float64)
+    if probs.numel() == 0 or bool((probs < 0).any()) or float(probs.sum()) <= 0:
+        raise ValueError(f"weights must be non-negative with a positive sum, got {list(weights)}")
+    return int(torch.multinomial(probs, 1, generator=keyed_generator(seed, iteration, stream)))
