@@ -70,3 +70,9 @@ def test_short_teacher_train_writes_a_loadable_pipeline(tmp_path):
     rows = json.loads((tmp_path / "teacher_baseline.json").read_text())["rows"]
     expected = [(1, 1.0, 1), (2, 1.0, 2), (1, 2.0, 2), (2, 2.0, 4), (1, 3.0, 2), (2, 3.0, 4)]
     assert [(r["steps"], r["guidance"], r["nfe"]) for r in rows] == expected
+    # a probe of one more scale at chosen step counts adds only those rows; the record follows
+    assert main(["baseline", "--out", str(tmp_path), "--guidance", "1.5", "--steps", "2"]) == 0
+    baseline = json.loads((tmp_path / "teacher_baseline.json").read_text())
+    assert [(r["steps"], r["guidance"]) for r in baseline["rows"]][-1] == (2, 1.5)
+    assert len(baseline["rows"]) == len(expected) + 1
+    assert json.loads((tmp_path / "teacher_train.json").read_text())["best"] == baseline["best"]

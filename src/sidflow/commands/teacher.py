@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="runs/teacher", help="folder written by 'sidflow teacher train'")
     b.add_argument("--guidance", type=_floats, required=True,
                    help="guidance scales to measure; rows of other scales already in the JSON are kept")
+    b.add_argument("--steps", type=_ints, default=None,
+                   help="step counts to measure, e.g. 16,32 (default: those already in the JSON, else 1-64)")
     b.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     return p
 
@@ -77,10 +79,15 @@ def _baseline(args: argparse.Namespace) -> int:
     path = out / "teacher_baseline.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     n = int(old.get("num_samples", 1000))
-    steps = tuple(sorted({r["steps"] for r in old.get("rows", [])})) or (1, 2, 4, 8, 16, 32, 64)
+    steps = args.steps or tuple(sorted({r["steps"] for r in old.get("rows", [])})) or (1, 2, 4, 8, 16, 32, 64)
     result = measure_teacher(load_pipeline(out / "teacher"), Evaluator.load(out / "evaluator"),
                              guidances=args.guidance, steps=steps, n=n, out=path, keep=old.get("rows"))
     best = result["best"]
+    record_path = out / "teacher_train.json"
+    if record_path.is_file():  # keep the training record's "best" in step with the baseline
+        record = json.loads(record_path.read_text())
+        record["best"] = best
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"[teacher] baseline -> {path}; best FID {best['fid']:.2f} ({best['steps']} steps, "
           f"guidance {best['guidance']}, accuracy {best['accuracy']:.3f})")
     return 0

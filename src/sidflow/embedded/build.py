@@ -104,12 +104,6 @@ def build_teacher(out: str | Path, recipe: TeacherRecipe, *, progress: bool = Tr
     write_sidecar(out / "teacher")
     start = _stage("transformer", times, start)
 
-    loaded = load_pipeline(out / "teacher")
-    baseline = measure_teacher(loaded, evaluator, guidances=recipe.guidances, steps=recipe.baseline_steps,
-                               n=recipe.baseline_samples, out=out / "teacher_baseline.json",
-                               progress=progress)
-    _stage("baseline", times, start)
-    times["total"] = round(time.perf_counter() - t0, 1)
     record = {
         "recipe": asdict(recipe),
         "seconds": times,
@@ -117,8 +111,18 @@ def build_teacher(out: str | Path, recipe: TeacherRecipe, *, progress: bool = Tr
         "vae": {"shift_factor": shift, "scaling_factor": scale},
         "rf": rf_log,
         "evaluator": evaluator.info,
-        "best": baseline.get("best"),
+        "best": None,
         "torch_threads": torch.get_num_threads(),
     }
+    # written now and again after the baseline, so an interrupted baseline keeps the training record
+    (out / "teacher_train.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    loaded = load_pipeline(out / "teacher")
+    baseline = measure_teacher(loaded, evaluator, guidances=recipe.guidances, steps=recipe.baseline_steps,
+                               n=recipe.baseline_samples, out=out / "teacher_baseline.json",
+                               progress=progress)
+    _stage("baseline", times, start)
+    times["total"] = round(time.perf_counter() - t0, 1)
+    record["best"] = baseline.get("best")
     (out / "teacher_train.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
