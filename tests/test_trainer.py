@@ -262,6 +262,7 @@ def _rank_worker(rank, world, init_file, out_dir):
     for _ in range(2):
         tr.step()
     torch.save({k: v for k, v in tr.generator.state_dict().items()}, f"{out_dir}/gen{rank}.pt")
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -303,6 +304,7 @@ def _nonfinite_worker(rank, world, init_file, out_dir):
             outcome[str(frac)] = str(err)
     with open(f"{out_dir}/nonfinite{rank}.json", "w") as fh:
         json.dump(outcome, fh)
+    dist.barrier()  # both ranks past their last collective before gloo tears down (else a rare abort)
     dist.destroy_process_group()
 
 

@@ -70,7 +70,8 @@ def export_generator(teacher, generator: Denoiser, out: Path, config: SiDConfig)
 
 def _headline(result: dict[str, Any], config: SiDConfig) -> list[dict[str, Any]]:
     rows = []
-    for r in result.get("teacher", {}).get("rows", []):
+    teacher_rows = result.get("teacher", {}).get("rows", [])
+    for r in sorted(teacher_rows, key=lambda r: (r["guidance"], r["steps"])):
         rows.append({"model": f"teacher Euler, w={r['guidance']:g}", "steps": r["steps"], "NFE": r["nfe"],
                      "FID": r["fid"], "prompt acc": r["accuracy"], "s/image": r.get("seconds_per_image", "")})
     final = result.get("final", {})
