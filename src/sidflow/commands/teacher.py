@@ -85,9 +85,9 @@ def _baseline(args: argparse.Namespace) -> int:
     best = result["best"]
     record_path = out / "teacher_train.json"
     if record_path.is_file():  # keep the training record's "best" in step with the baseline
-        record = json.loads(record_path.read_text())
-        record["best"] = best
-        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        from sidflow.embedded.build import write_record
+
+        write_record(out, {**json.loads(record_path.read_text()), "best": best})
     print(f"[teacher] baseline -> {path}; best FID {best['fid']:.2f} ({best['steps']} steps, "
           f"guidance {best['guidance']}, accuracy {best['accuracy']:.3f})")
     return 0

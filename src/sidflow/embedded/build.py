@@ -26,7 +26,7 @@ from sidflow.embedded.teacher_train import RFConfig, train_rectified_flow
 from sidflow.embedded.text import CLASS_WORDS, prompts_for_class
 from sidflow.embedded.vae import build_vae, fit_latent_normalisation, train_vae
 
-__all__ = ["TeacherRecipe", "build_teacher"]
+__all__ = ["TeacherRecipe", "build_teacher", "write_record"]
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,7 @@ def build_teacher(out: str | Path, recipe: TeacherRecipe, *, progress: bool = Tr
         "best": None,
         "torch_threads": torch.get_num_threads(),
     }
-    # written now and again after the baseline, so an interrupted baseline keeps the training record
-    (out / "teacher_train.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_record(out, record)  # now and after the baseline, so an interrupted baseline keeps it
 
     loaded = load_pipeline(out / "teacher")
     baseline = measure_teacher(loaded, evaluator, guidances=recipe.guidances, steps=recipe.baseline_steps,
@@ -124,5 +123,10 @@ def build_teacher(out: str | Path, recipe: TeacherRecipe, *, progress: bool = Tr
     _stage("baseline", times, start)
     times["total"] = round(time.perf_counter() - t0, 1)
     record["best"] = baseline.get("best")
-    (out / "teacher_train.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_record(out, record)
     return record
+
+
+def write_record(out: str | Path, record: dict) -> None:
+    """Write the training record ``teacher_train.json`` into ``out``."""
+    (Path(out) / "teacher_train.json").write_text(json.dumps(record, indent=2) + "\n")
