@@ -22,7 +22,7 @@ def test_default_preset_is_the_bundled_teacher():
 def test_shortened_default_run(tmp_path):
     run = tmp_path / "run"
     rc = cli.main(["distill", "--run-dir", str(run), "train.max_steps=3", "train.batch=8", "train.batch_gpu=8",
-                   "eval.every_kimg=0.016", "eval.num_samples=100", "eval.grid_size=4"])
+                   "eval.every_kimg=0.016", "eval.num_samples=100", "eval.grid_size=4", "eval.select=validation"])
     assert rc == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["iterations"] == 3
@@ -31,6 +31,12 @@ def test_shortened_default_run(tmp_path):
     final = metrics["final"]
     for steps in (1, 4):
         assert 0.0 <= final[f"acc_{steps}step"] <= 1.0 and final[f"fid_{steps}step"] > 0
+        assert final[f"val_fid_{steps}step"] > 0  # validation FID against the training digits
+    # the reported weights are the snapshot chosen on validation FID (the 0-image row is never offered)
+    chosen = metrics["selected"]["images_seen"]
+    assert chosen in (16, 24) and (run / "selected" / "tensors.safetensors").is_file()
+    assert final == next(row for row in metrics["history"] if row["images_seen"] == chosen)
+    assert ("last" in metrics) == (chosen != 24)
     # the cached teacher baseline is read, not recomputed
     assert metrics["teacher"]["best"]["fid"] > 0 and metrics["teacher"]["num_samples"] == 1000
     report = (run / "report.md").read_text()

@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from sidflow.errors import CheckpointError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_dir"]
+__all__ = ["save_checkpoint", "write_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_dir",
+           "is_checkpoint"]
 
 FORMAT = 1
 TENSORS, STATE = "tensors.safetensors", "state.json"
@@ -44,7 +45,13 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any],
 
     Returns the final directory. An existing checkpoint of the same step is replaced.
     """
-    final = checkpoint_dir(run_dir, step)
+    return write_checkpoint(checkpoint_dir(run_dir, step), step, state, config)
+
+
+def write_checkpoint(final: str | Path, step: int, state: dict[str, Any],
+                     config: dict[str, Any] | None = None) -> Path:
+    """Atomically write ``state`` as a checkpoint directory at ``final`` (replacing one already there)."""
+    final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state["tensors"].items()}
     meta = {"format": FORMAT, "step": step, "scalars": state["scalars"], "config": config or {},
@@ -92,11 +99,16 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     return {"tensors": tensors, "scalars": meta["scalars"], "step": meta["step"]}, meta.get("config", {})
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` holds both checkpoint files (it may still be corrupt: :func:`load_checkpoint` checks)."""
+    return (Path(path) / STATE).is_file() and (Path(path) / TENSORS).is_file()
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The highest-step complete checkpoint under ``run_dir/checkpoints`` (None if there is none)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return None
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
-    found = [(s, p) for s, p in found if (p / STATE).is_file() and (p / TENSORS).is_file()]
+    found = [(s, p) for s, p in found if is_checkpoint(p)]
     return max(found)[1] if found else None

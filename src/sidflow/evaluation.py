@@ -100,6 +100,8 @@ class StudentEvaluation:
             score = self.evaluator.score(images, self.set.labels)
             row[f"fid_{steps}step"] = score["fid"]
             row[f"acc_{steps}step"] = score["accuracy"]
+            if "val_fid" in score:
+                row[f"val_fid_{steps}step"] = score["val_fid"]
             row[f"sec_per_image_{steps}step"] = sec
         generator.train(was_training)
         return row

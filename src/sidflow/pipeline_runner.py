@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sidflow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from sidflow.checkpoint import is_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from sidflow.config import SiDConfig, to_dict
 from sidflow.data import PromptSource, read_prompt_file
 from sidflow.distributed import (
@@ -46,6 +46,7 @@ from sidflow.distributed import (
 )
 from sidflow.errors import CheckpointError, ConfigError
 from sidflow.evaluation import make_evaluation, sample_student
+from sidflow.selection import SELECTED, SnapshotSelector
 from sidflow.trainer import SiDTrainer, generator_state_dict
 
 __all__ = ["run_pipeline", "resolve_teacher_path", "resolve_prompts", "load_run_generator", "sample_run",
@@ -251,6 +252,8 @@ def _train(config: SiDConfig, run_dir: Path, ctx: DistContext, run: _Run, progre
                   if config.eval.every_kimg > 0 and config.eval.kind != "none" else 0)
     log_path, history = run_dir / "log.jsonl", []
     writer = SummaryWriter(str(run_dir / "tensorboard")) if main else None
+    selector = (SnapshotSelector(run_dir, config.eval.student_steps, to_dict(config))
+                if main and evaluation is not None and config.eval.select == "validation" else None)
     if eval_every and trainer.iteration == 0:
         student = _eval_generator(trainer, run.scratch, run.sharded)
         if main:
@@ -274,7 +277,8 @@ def _train(config: SiDConfig, run_dir: Path, ctx: DistContext, run: _Run, progre
                 row = evaluation.score_student(student, trainer.images_seen)
                 history.append(row)
                 _log(writer, log_path, row)
-                bar.write(evaluation.describe(row))
+                kept = selector is not None and selector.offer(row, student)
+                bar.write(evaluation.describe(row) + (" (best on validation so far)" if kept else ""))
         if config.train.ckpt_every and it % config.train.ckpt_every == 0 and it != total:
             _save(trainer, run_dir, config, ctx, run.sharded)
     bar.close()
@@ -291,6 +295,14 @@ def _train(config: SiDConfig, run_dir: Path, ctx: DistContext, run: _Run, progre
         history.append(final)
         _log(writer, log_path, final)
         result["final"], result["history"] = final, history
+        if selector is not None and not selector.offer(final, final_gen):
+            # an earlier snapshot won on validation: report, grid and export it (the run's choice)
+            final_gen = selector.load_into(copy.deepcopy(final_gen))
+            result["final"], result["last"] = selector.best_row, final
+        if selector is not None:
+            result["selected"] = {"images_seen": result["final"]["images_seen"], "path": SELECTED,
+                                  "rule": "lowest mean log validation FID (training digits) over "
+                                          f"{', '.join(map(str, config.eval.student_steps))} steps"}
         result["teacher"] = evaluation.teacher_reference()
     writer.close()
     result["wall_seconds_before_report"] = time.perf_counter() - start
@@ -301,7 +313,11 @@ def _train(config: SiDConfig, run_dir: Path, ctx: DistContext, run: _Run, progre
 
 
 def load_run_generator(run_dir: Path, device: torch.device | str | None = None, *, ema: bool = True):
-    """``(config, teacher, generator, latent_shape)`` of a finished run (its latest checkpoint)."""
+    """``(config, teacher, generator, latent_shape)`` of a finished run.
+
+    The weights are the snapshot the run selected on validation (``selected/``, when it did and
+    ``ema`` is on), else those of its latest checkpoint (EMA when ``ema`` and the run kept one).
+    """
     from sidflow.config import from_json
 
     run_dir = Path(run_dir)
@@ -310,7 +326,7 @@ def load_run_generator(run_dir: Path, device: torch.device | str | None = None, 
         raise ConfigError(f"{run_dir} has no config.json; pass the folder of a 'sidflow distill' run")
     config = from_json(cfg_path.read_text())
     device = torch.device(device) if device is not None else _device()
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = run_dir / SELECTED if ema and is_checkpoint(run_dir / SELECTED) else latest_checkpoint(run_dir)
     if ckpt is None:
         raise ConfigError(f"{run_dir} has no checkpoint yet; let 'sidflow distill' finish or resume it")
     teacher = load_run_teacher(config, device)

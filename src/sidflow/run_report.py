@@ -83,6 +83,22 @@ def _headline(result: dict[str, Any], config: SiDConfig) -> list[dict[str, Any]]
     return rows
 
 
+def _figures_line(config: SiDConfig, result: dict[str, Any]) -> str:
+    """Which weights the figures come from: the final ones, or the snapshot selected on validation."""
+    ema = " (EMA)" if config.train.ema_halflife_kimg > 0 else ""
+    selected = result.get("selected")
+    if not selected:
+        return f"figures: final weights{ema}"
+    last = result.get("last")
+    where = (f"the snapshot at {selected['images_seen'] / 1000:.1f}k images" if last else "the final weights")
+    return (f"figures: {where}{ema}, selected by {selected['rule']}; the held-out digits are never used "
+            "for selection" + (f" (last weights: {_describe_row(last)})" if last else ""))
+
+
+def _describe_row(row: dict[str, Any]) -> str:
+    return ", ".join(f"{k.removeprefix('fid_')} FID {row[k]:.1f}" for k in row if k.startswith("fid_"))
+
+
 def finish_run(run_dir: Path, config: SiDConfig, teacher, generator: Denoiser, latent_shape, evaluation,
                result: dict[str, Any]) -> None:
     """Write grids, plot, exported pipeline and ``report.md`` into ``run_dir`` (updates ``result``)."""
@@ -110,7 +126,9 @@ def finish_run(run_dir: Path, config: SiDConfig, teacher, generator: Denoiser, l
             reference["teacher best acc"] = teacher_ref["best"]["accuracy"]
         if teacher_ref.get("floor_fid"):
             reference["real-vs-real FID"] = teacher_ref["floor_fid"]
-        plot_metrics(result["history"], run_dir / "metrics.png", reference=reference)
+        selected = result.get("selected")
+        plot_metrics(result["history"], run_dir / "metrics.png", reference=reference,
+                     selected_kimg=selected["images_seen"] / 1000 if selected else None)
         images["FID and prompt accuracy against training images"] = "metrics.png"
     export_generator(teacher, generator, run_dir / "generator_pipeline", config)
     summary = [f"teacher: `{config.teacher.path}`; preset `{config.name}`",
@@ -121,7 +139,7 @@ def finish_run(run_dir: Path, config: SiDConfig, teacher, generator: Denoiser, l
                f"kappa1..4 = {config.guidance.kappa1:g}/{config.guidance.kappa2:g}/"
                f"{config.guidance.kappa3_value:g}/{config.guidance.kappa4:g}; lr {config.optim.lr:g}, "
                f"glr {config.optim.glr:g}, batch {config.train.batch}",
-               "figures: final weights" + (" (EMA)" if config.train.ema_halflife_kimg > 0 else "")
+               _figures_line(config, result)
                + "; teacher figures from the cached baseline, same evaluator, prompts and seeds"]
     if teacher_ref.get("floor_fid"):
         summary.append(f"real-vs-real FID floor: {teacher_ref['floor_fid']:.1f}")
@@ -130,5 +148,7 @@ def finish_run(run_dir: Path, config: SiDConfig, teacher, generator: Denoiser, l
     links = {"config": "config.json", "metrics": "metrics.json", "training log": "log.jsonl",
              "final checkpoint": result["checkpoint"], "generator as a diffusers pipeline": "generator_pipeline",
              "TensorBoard logs": "tensorboard"}
+    if result.get("selected"):
+        links["selected snapshot (reported, exported, used by `sidflow sample`)"] = result["selected"]["path"]
     write_report(run_dir / "report.md", title="sidflow distillation report", summary=summary, tables=tables,
                  images=images, links=links)

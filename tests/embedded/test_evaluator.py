@@ -32,6 +32,20 @@ def test_bundled_reference_stats_are_the_held_out_digits(evaluator, held_out):
     assert evaluator.fid(held_out.images) == pytest.approx(0.0, abs=1e-3)
 
 
+@needs_digits
+def test_bundled_validation_stats_are_the_training_digits_not_the_held_out_ones(evaluator, held_out):
+    train = load_digits("train")
+    assert evaluator.fid(train.images, evaluator.validation) == pytest.approx(0.0, abs=1e-3)
+    score = evaluator.score(held_out.images, held_out.labels)
+    assert score["fid"] == pytest.approx(0.0, abs=1e-3) and score["val_fid"] > 1.0
+
+
+def test_score_has_no_validation_fid_without_validation_stats(evaluator):
+    bare = Evaluator(evaluator.model, evaluator.reference)
+    images = torch.rand(20, 1, 32, 32) * 2 - 1
+    assert set(bare.score(images, torch.arange(20) % 10)) == {"fid", "accuracy"}
+
+
 @pytest.mark.slow
 @needs_digits
 def test_fid_of_a_set_against_itself_is_zero_and_degraded_sets_score_worse(evaluator, held_out):

@@ -58,7 +58,9 @@ def _evaluator(train, recipe: TeacherRecipe) -> Evaluator:
     held_out = load_digits("held_out")
     probe = Evaluator(model, FeatureStats(torch.zeros(1), torch.zeros(1, 1)))
     feats, logits = probe.features_and_logits(held_out.images)
-    evaluator = Evaluator(model, FeatureStats.of(feats))
+    # Validation statistics: all 4,000 training digits (checkpoint selection never sees the held-out ones).
+    evaluator = Evaluator(model, FeatureStats.of(feats),
+                          validation=FeatureStats.of(probe.features_and_logits(train.images)[0]))
     # Real-vs-real floor: the first 100 training digits of each class against the 1,000 held-out ones.
     real = load_digits("train", limit_per_class=100)
     evaluator.info.update(
