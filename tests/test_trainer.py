@@ -20,7 +20,7 @@ from sidflow.config import (
 from sidflow.denoiser import Cond
 from sidflow.errors import ConfigError, NonFiniteError
 from sidflow.toy import GMMCondSource, GMMDenoiser, MLPDenoiser, make_mixture
-from sidflow.trainer import SiDTrainer
+from sidflow.trainer import SiDTrainer, lr_factor
 
 D64 = torch.float64
 DIM = 3
@@ -251,6 +251,29 @@ def test_ema_tracks_generator():
     name, p = next(iter(tr.generator.named_parameters()))
     assert tr.ema[name].shape == p.shape and not torch.equal(tr.ema[name], p.detach())
     assert beta == 0.5 ** (8 / 8)
+
+
+def test_lr_factor_is_flat_then_linear_to_the_floor():
+    # 10 iterations, decay over the last 40 %: iterations 6..9 fall 0.75, 0.5, 0.25, 0 (floor 0)
+    assert [lr_factor(i, 10, 0.4) for i in range(10)] == [1.0] * 6 + [0.75, 0.5, 0.25, 0.0]
+    assert lr_factor(9, 10, 0.4, decay_min=0.2) == pytest.approx(0.2)
+    assert lr_factor(7, 10, 0.4, decay_min=0.2) == pytest.approx(1 - 0.8 * 0.5)
+    assert all(lr_factor(i, 10, 0.0) == 1.0 for i in range(10))
+
+
+def test_decay_tail_sets_both_learning_rates_from_the_iteration():
+    tr = _mlp_trainer(8, optim=OptimConfig(lr=1e-3, glr=2e-3, decay_frac=0.5, decay_min=0.1),
+                      train=TrainConfig(batch=8, batch_gpu=8, seed=3, max_steps=4))
+    lrs = []
+    for _ in range(4):
+        metrics = tr.step()
+        lrs.append((tr.opt_fake.param_groups[0]["lr"], tr.opt_gen.param_groups[0]["lr"], metrics["lr_factor"]))
+    factors = [1.0, 1.0, 0.55, 0.1]
+    for (fake_lr, gen_lr, f), want in zip(lrs, factors, strict=True):
+        assert f == pytest.approx(want)
+        assert fake_lr == pytest.approx(1e-3 * want) and gen_lr == pytest.approx(2e-3 * want)
+    with pytest.raises(ConfigError, match="decay_frac"):
+        OptimConfig(decay_frac=1.5)
 
 
 def _rank_worker(rank, world, init_file, out_dir):

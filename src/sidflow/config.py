@@ -110,9 +110,16 @@ class OptimConfig:
     betas: tuple[float, float] = (0.0, 0.999)
     eps: float = 1e-8
     grad_clip: float | None = None   # clip-by-value on both networks' grads (pure bf16: 1.0)
+    # both learning rates fall linearly to decay_min x their value over the last decay_frac of the
+    # iterations (a warmup-stable-decay tail); 0 = constant, as in the paper
+    decay_frac: float = 0.0
+    decay_min: float = 0.0
 
     def __post_init__(self) -> None:
         _validate(self)  # betas become floats: torch 2.13's Adam rejects the integer 0
+        if not (0.0 <= self.decay_frac <= 1.0 and 0.0 <= self.decay_min <= 1.0):
+            raise ConfigError(f"optim.decay_frac={self.decay_frac} and optim.decay_min={self.decay_min} "
+                              "must lie in [0, 1]")
 
 
 @dataclass(frozen=True)

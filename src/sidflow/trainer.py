@@ -48,7 +48,7 @@ from sidflow.losses import (
     sid_generator_loss,
 )
 
-__all__ = ["SiDTrainer", "Draws", "RealSource"]
+__all__ = ["SiDTrainer", "Draws", "RealSource", "lr_factor"]
 
 INF_CLAMP = 1e5
 
@@ -332,10 +332,25 @@ class SiDTrainer:
             for name, p in self.generator.named_parameters():
                 self.ema[name].lerp_(p.detach(), 1 - beta)
 
+    def _set_learning_rates(self) -> float:
+        """Apply the decay tail of ``optim`` to both optimisers for this iteration; returns the factor.
+
+        Set from the iteration rather than kept in an LR-scheduler object, so a resumed run needs no
+        scheduler state in its checkpoint.
+        """
+        oc = self.config.optim
+        factor = lr_factor(self.iteration, self.config.train.num_steps(), oc.decay_frac, oc.decay_min)
+        for opt, base in ((self.opt_fake, oc.lr), (self.opt_gen, oc.glr)):
+            for group in opt.param_groups:
+                group["lr"] = base * factor
+        return factor
+
     def step(self) -> dict[str, float]:
         """One full iteration (fake phase, then generator phase); returns metrics."""
         start = time.perf_counter()
         metrics: dict[str, Any] = {"iteration": self.iteration}
+        if self.config.optim.decay_frac > 0:
+            metrics["lr_factor"] = self._set_learning_rates()
         metrics.update(self.fake_phase(self.iteration))
         metrics.update(self.generator_phase(self.iteration))
         self.iteration += 1
@@ -392,6 +407,19 @@ class SiDTrainer:
             opt.load_state_dict({"state": state_t, "param_groups": groups})
         self.iteration, self.images_seen = int(scalars["iteration"]), int(scalars["images_seen"])
         self.nonfinite_total = dict(scalars["nonfinite_total"])
+
+
+def lr_factor(iteration: int, total: int, decay_frac: float, decay_min: float = 0.0) -> float:
+    """Learning-rate multiplier of ``iteration`` (0-based) in a run of ``total``: 1 until the last
+    ``decay_frac`` of the run, then linear down to ``decay_min`` at the last iteration."""
+    decay_iters = decay_frac * total
+    if decay_iters <= 0:
+        return 1.0
+    start = total - decay_iters
+    if iteration < start:
+        return 1.0
+    progress = min((iteration - start + 1) / decay_iters, 1.0)
+    return 1.0 - (1.0 - decay_min) * progress
 
 
 def generator_state_dict(trainer: SiDTrainer, *, ema: bool = True) -> dict[str, Tensor]:
