@@ -4,6 +4,7 @@ One table from one invocation: the teacher at 1, 2, 4, 8, 16, 32, 64 Euler steps
 scale (NFE counts both CFG passes when w != 1) and the run's generator at 1, 2 and 4 steps; FID in
 the bundled evaluator's feature space, prompt accuracy, NFE and wall time per image (sampling and
 decoding, this machine). Same evaluation prompts, initial noise and sample count for every row.
+The generator is the one the run reports: its validation-selected snapshot when it kept one.
 
     python benchmarks/quality_vs_nfe.py runs/digits [--guidance 1 2] [--samples 1000] [--json out.json]
 """
