@@ -83,6 +83,11 @@ def _headline(result: dict[str, Any], config: SiDConfig) -> list[dict[str, Any]]
     return rows
 
 
+def _k_odds(config: SiDConfig) -> str:
+    w = config.generator.k_weights
+    return "uniform" if w is None else ":".join(f"{x:g}" for x in w)
+
+
 def _figures_line(config: SiDConfig, result: dict[str, Any]) -> str:
     """Which weights the figures come from: the final ones, or the snapshot selected on validation."""
     ema = " (EMA)" if config.train.ema_halflife_kimg > 0 else ""
@@ -135,7 +140,8 @@ def finish_run(run_dir: Path, config: SiDConfig, teacher, generator: Denoiser, l
                f"{result['iterations']} iterations, {result['images_seen']} generator images, "
                f"{result['train_seconds'] / 60:.1f} min of training "
                f"({result['wall_seconds_before_report'] / 60:.1f} min with evaluation)",
-               f"generator: {config.generator.num_steps}-step schedule, noise `{config.generator.noise_type}`; "
+               f"generator: {config.generator.num_steps}-step schedule, noise `{config.generator.noise_type}`, "
+               f"k odds {_k_odds(config)}; alpha {config.loss.alpha:g}; "
                f"kappa1..4 = {config.guidance.kappa1:g}/{config.guidance.kappa2:g}/"
                f"{config.guidance.kappa3_value:g}/{config.guidance.kappa4:g}; lr {config.optim.lr:g}, "
                f"glr {config.optim.glr:g}, batch {config.train.batch}",
