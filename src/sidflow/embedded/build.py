@@ -1,9 +1,10 @@
 """End-to-end recipe of the bundled teacher: data -> evaluator -> VAE -> transformer -> pipeline -> baseline.
 
 This is what ``sidflow teacher train`` runs; the assets under ``src/sidflow/assets/`` are its output
-(``sidflow teacher train --out src/sidflow/assets --minutes 30``). Output layout of ``out``:
+(``sidflow teacher train --out src/sidflow/assets --minutes 48``). Output layout of ``out``:
 
-* ``evaluator/``: classifier weights, held-out feature statistics, ``evaluator.json`` (floor FID);
+* ``evaluator/``: classifier weights, held-out and training-split (validation) feature statistics,
+  ``evaluator.json`` (floor FID);
 * ``teacher/``: a ``StableDiffusion3Pipeline.save_pretrained`` folder (fp32 safetensors);
 * ``teacher_baseline.json``: the teacher's FID / accuracy / NFE / time at 1-64 Euler steps;
 * ``teacher_train.json``: the recipe (all settings) and per-stage wall times.
