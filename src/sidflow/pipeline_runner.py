@@ -295,11 +295,11 @@ def _train(config: SiDConfig, run_dir: Path, ctx: DistContext, run: _Run, progre
         history.append(final)
         _log(writer, log_path, final)
         result["final"], result["history"] = final, history
-        if selector is not None and not selector.offer(final, final_gen):
+        if selector is not None and not selector.offer(final, final_gen) and selector.best_row is not None:
             # an earlier snapshot won on validation: report, grid and export it (the run's choice)
             final_gen = selector.load_into(copy.deepcopy(final_gen))
             result["final"], result["last"] = selector.best_row, final
-        if selector is not None:
+        if selector is not None and selector.best_row is not None:
             result["selected"] = {"images_seen": result["final"]["images_seen"], "path": SELECTED,
                                   "rule": "lowest mean log validation FID (training digits) over "
                                           f"{', '.join(map(str, config.eval.student_steps))} steps"}
