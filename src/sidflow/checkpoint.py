@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from sidflow.errors import CheckpointError
 
 __all__ = ["save_checkpoint", "write_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_dir",
-           "is_checkpoint"]
+           "is_checkpoint", "load_module_weights"]
 
 FORMAT = 1
 TENSORS, STATE = "tensors.safetensors", "state.json"
@@ -97,6 +97,13 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
             raise CheckpointError(f"checkpoint {path}: tensor {key} has shape {list(tensors[key].shape)}, "
                                   f"state.json says {shape}")
     return {"tensors": tensors, "scalars": meta["scalars"], "step": meta["step"]}, meta.get("config", {})
+
+
+def load_module_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> torch.nn.Module:
+    """Load the ``prefix``-named entries of a checkpoint's tensors into ``module`` (others keep their values)."""
+    weights = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    module.load_state_dict({**module.state_dict(), **weights})
+    return module
 
 
 def is_checkpoint(path: str | Path) -> bool:

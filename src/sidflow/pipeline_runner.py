@@ -27,7 +27,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sidflow.checkpoint import is_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from sidflow.checkpoint import (
+    is_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    load_module_weights,
+    save_checkpoint,
+)
 from sidflow.config import SiDConfig, to_dict
 from sidflow.data import PromptSource, read_prompt_file
 from sidflow.distributed import (
@@ -333,8 +339,7 @@ def load_run_generator(run_dir: Path, device: torch.device | str | None = None, 
     generator = copy.deepcopy(teacher.denoiser).requires_grad_(False)
     state, _ = load_checkpoint(ckpt, device=device)
     prefix = "ema/" if ema and any(k.startswith("ema/") for k in state["tensors"]) else "generator/"
-    weights = {k[len(prefix):]: v for k, v in state["tensors"].items() if k.startswith(prefix)}
-    generator.load_state_dict({**generator.state_dict(), **weights})
+    load_module_weights(generator, state["tensors"], prefix)
     return config, teacher, generator, teacher.latent_shape(config.data.resolution)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from sidflow.checkpoint import is_checkpoint, load_checkpoint, write_checkpoint
+from sidflow.checkpoint import is_checkpoint, load_checkpoint, load_module_weights, write_checkpoint
 from sidflow.errors import ConfigError
 
 __all__ = ["SELECTED", "SnapshotSelector", "validation_score"]
@@ -67,6 +67,4 @@ class SnapshotSelector:
     def load_into(self, generator: nn.Module) -> nn.Module:
         """Load the kept weights into ``generator`` (in place) and return it."""
         state, _ = load_checkpoint(self.path, device=next(generator.parameters()).device)
-        weights = {k.removeprefix("generator/"): v for k, v in state["tensors"].items()}
-        generator.load_state_dict({**generator.state_dict(), **weights})
-        return generator
+        return load_module_weights(generator, state["tensors"], "generator/")

@@ -114,6 +114,14 @@ class FeatureStats:
         f = features.double()
         return FeatureStats(mu=f.mean(0), sigma=torch.cov(f.T))
 
+    def save(self, path: str | Path) -> None:
+        save_file({"mu": self.mu, "sigma": self.sigma}, path)
+
+    @staticmethod
+    def load(path: str | Path) -> FeatureStats:
+        stats = load_file(path)
+        return FeatureStats(mu=stats["mu"], sigma=stats["sigma"])
+
 
 def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     """Fréchet distance between two Gaussians (float64, ``scipy.linalg.sqrtm``)."""
@@ -178,9 +186,9 @@ class Evaluator:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, folder / self.WEIGHTS)
-        save_file({"mu": self.reference.mu, "sigma": self.reference.sigma}, folder / self.REFERENCE)
+        self.reference.save(folder / self.REFERENCE)
         if self.validation is not None:
-            save_file({"mu": self.validation.mu, "sigma": self.validation.sigma}, folder / self.VALIDATION)
+            self.validation.save(folder / self.VALIDATION)
         (folder / self.INFO).write_text(json.dumps(self.info, indent=2) + "\n")
 
     @classmethod
@@ -191,9 +199,8 @@ class Evaluator:
             raise DataError(f"no evaluator at {folder}: run 'sidflow teacher train' to build one")
         model = DigitClassifier()
         model.load_state_dict(load_file(folder / cls.WEIGHTS))
-        ref = load_file(folder / cls.REFERENCE)
-        val = load_file(folder / cls.VALIDATION) if (folder / cls.VALIDATION).is_file() else None
+        val_path = folder / cls.VALIDATION
         info_path = folder / cls.INFO
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-        return cls(model, FeatureStats(mu=ref["mu"], sigma=ref["sigma"]), info,
-                   validation=FeatureStats(mu=val["mu"], sigma=val["sigma"]) if val is not None else None)
+        return cls(model, FeatureStats.load(folder / cls.REFERENCE), info,
+                   validation=FeatureStats.load(val_path) if val_path.is_file() else None)
