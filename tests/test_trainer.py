@@ -170,10 +170,26 @@ def test_k_is_uniform_by_default_and_follows_k_weights():
     assert [rank1.k_for(i) for i in range(50)] == ks[:50].tolist()  # same k on every rank
 
 
+def test_k_odds_move_linearly_to_k_weights_end():
+    gc = GeneratorConfig(num_steps=2, k_weights=(3, 1), k_weights_end=(0, 2))
+    assert gc.k_odds(0.0) == pytest.approx((0.75, 0.25))
+    assert gc.k_odds(0.5) == pytest.approx((0.375, 0.625))
+    assert gc.k_odds(1.0) == pytest.approx((0.0, 1.0))
+    assert GeneratorConfig(num_steps=2, k_weights_end=(1, 0)).k_odds(0.5) == pytest.approx((0.75, 0.25))
+    assert GeneratorConfig(num_steps=2, k_weights=(3, 1)).k_odds(0.9) == (3, 1)  # fixed odds, as given
+    # in a run: k = 1 only at the start, k = 2 only at the end (100 iterations)
+    tr = _mlp_trainer(2, num_steps=2, train=TrainConfig(batch=8, batch_gpu=2, seed=3, max_steps=100),
+                      generator=GeneratorConfig(num_steps=2, k_weights=(1, 0), k_weights_end=(0, 1)))
+    ks = torch.tensor([tr.k_for(i) for i in range(100)])
+    assert tr.k_for(0) == 1 and tr.k_for(99) == 2
+    assert (ks[:25] == 1).float().mean() > 0.6 and (ks[75:] == 2).float().mean() > 0.6
+
+
 @pytest.mark.parametrize("weights", [(1, 1, 1), (1, -1, 1, 1), (0, 0, 0, 0)])
-def test_bad_k_weights_are_refused(weights):
-    with pytest.raises(ConfigError, match="k_weights"):
-        GeneratorConfig(num_steps=4, k_weights=weights)
+@pytest.mark.parametrize("name", ["k_weights", "k_weights_end"])
+def test_bad_k_weights_are_refused(weights, name):
+    with pytest.raises(ConfigError, match=name):
+        GeneratorConfig(num_steps=4, **{name: weights})
 
 
 def test_step_metrics_requires_grad_and_frozen_teacher():

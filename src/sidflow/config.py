@@ -58,16 +58,34 @@ class GeneratorConfig:
     shift: float | None = None     # SD3 step-time warp (3.0), None = off
     # relative odds of training k = 1..K steps in an iteration; None = uniform (the paper, spec 3.3)
     k_weights: tuple[float, ...] | None = None
+    # odds at the last iteration: the odds move linearly from k_weights (uniform if None) to these
+    # over the run (a curriculum); None = fixed odds
+    k_weights_end: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
         if self.num_steps < 1 or not 0 < self.t_init <= 1:
             raise ConfigError("generator.num_steps must be >= 1 and generator.t_init in (0, 1]")
-        w = self.k_weights
-        if w is not None and (len(w) != self.num_steps or min(w) < 0 or sum(w) <= 0):
-            raise ConfigError(f"generator.k_weights={','.join(map(str, w))} needs {self.num_steps} "
-                              "non-negative values (one per k = 1..num_steps) with a positive sum, "
-                              "or none for the uniform draw")
+        for name in ("k_weights", "k_weights_end"):
+            w = getattr(self, name)
+            if w is not None and (len(w) != self.num_steps or min(w) < 0 or sum(w) <= 0):
+                raise ConfigError(f"generator.{name}={','.join(map(str, w))} needs {self.num_steps} "
+                                  "non-negative values (one per k = 1..num_steps) with a positive sum, "
+                                  "or none for the uniform draw")
+
+    def k_odds(self, progress: float) -> tuple[float, ...] | None:
+        """Relative odds of k = 1..K at ``progress`` in [0, 1] of the run; None = uniform."""
+        if self.k_weights_end is None:
+            return self.k_weights
+        start = _normalised(self.k_weights or (1.0,) * self.num_steps)
+        end = _normalised(self.k_weights_end)
+        f = min(max(progress, 0.0), 1.0)
+        return tuple((1.0 - f) * a + f * b for a, b in zip(start, end, strict=True))
+
+
+def _normalised(weights: tuple[float, ...]) -> tuple[float, ...]:
+    total = float(sum(weights))
+    return tuple(float(w) / total for w in weights)
 
 
 @dataclass(frozen=True)

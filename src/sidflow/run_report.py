@@ -84,8 +84,9 @@ def _headline(result: dict[str, Any], config: SiDConfig) -> list[dict[str, Any]]
 
 
 def _k_odds(config: SiDConfig) -> str:
-    w = config.generator.k_weights
-    return "uniform" if w is None else ":".join(f"{x:g}" for x in w)
+    gc = config.generator
+    fmt = lambda w: "uniform" if w is None else ":".join(f"{x:g}" for x in w)  # noqa: E731
+    return fmt(gc.k_weights) if gc.k_weights_end is None else f"{fmt(gc.k_weights)} -> {fmt(gc.k_weights_end)}"
 
 
 def _figures_line(config: SiDConfig, result: dict[str, Any]) -> str:

@@ -129,11 +129,14 @@ class SiDTrainer:
     # ---- randomness --------------------------------------------------------------------------
     def k_for(self, iteration: int) -> int:
         """The step count of ``iteration``, shared by both phases and all ranks: uniform on 1..K
-        (spec 3.3) unless ``generator.k_weights`` sets other odds."""
+        (spec 3.3) unless ``generator.k_weights`` (and ``k_weights_end``, a linear move of the odds
+        over the run) set other odds."""
         gc, seed = self.config.generator, self.config.train.seed
-        if gc.k_weights is None:
+        total = max(self.config.train.num_steps() - 1, 1)
+        odds = gc.k_odds(iteration / total)
+        if odds is None:
             return rng.randint_keyed(1, gc.num_steps, seed=seed, iteration=iteration, stream="k")
-        return 1 + rng.choice_keyed(gc.k_weights, seed=seed, iteration=iteration, stream="k")
+        return 1 + rng.choice_keyed(odds, seed=seed, iteration=iteration, stream="k")
 
     def sample_indices(self, round_idx: int) -> list[int]:
         """Global sample indices of this rank's round: ``rank * B/world + round * b + j``."""
