@@ -63,8 +63,8 @@ class OnesSource:
         return Cond({"label": torch.zeros(n, dtype=torch.long)})
 
 
-def _config(batch=4, batch_gpu=2, k2=2.0, k3=None, k4=3.0, alpha=1.0, **train):
-    return SiDConfig(generator=GeneratorConfig(num_steps=1), loss=LossConfig(alpha=alpha),
+def _config(batch=4, batch_gpu=2, k2=2.0, k3=None, k4=3.0, alpha=1.0, alpha_k=None, **train):
+    return SiDConfig(generator=GeneratorConfig(num_steps=1), loss=LossConfig(alpha=alpha, alpha_k=alpha_k),
                      guidance=GuidanceConfig(kappa1=1.5, kappa2=k2, kappa3=k3, kappa4=k4),
                      train=TrainConfig(batch=batch, batch_gpu=batch_gpu, seed=7, **train))
 
@@ -75,10 +75,12 @@ def _guided_A(net, kappa):
     return A[0] + kappa * (A[1] - A[0]), b[0] + kappa * (b[1] - b[0])
 
 
-@pytest.mark.parametrize("k3,alpha", [(None, 1.0), (1.0, 1.0), (None, 1.2)])
-def test_generator_gradient_matches_hand_formula(k3, alpha):
+@pytest.mark.parametrize("k3,alpha,by_k", [(None, 1.0, False), (1.0, 1.0, False), (None, 1.2, False),
+                                            (None, 1.2, True)])
+def test_generator_gradient_matches_hand_formula(k3, alpha, by_k):
     teacher, fake, gen = LinearX0(1), LinearX0(2), ConstGenerator()
-    cfg = _config(k3=k3, alpha=alpha)
+    # by_k: the alpha of k = 1 comes from loss.alpha_k, overriding a different loss.alpha
+    cfg = _config(k3=k3, alpha=5.0, alpha_k=(alpha,)) if by_k else _config(k3=k3, alpha=alpha)
     tr = SiDTrainer(teacher, fake, gen, OnesSource(), (DIM,), cfg, dtype=D64)
     tr.generator_phase(0, step=False)
     A_T, b_T = _guided_A(teacher, 3.0)
@@ -183,6 +185,15 @@ def test_k_odds_move_linearly_to_k_weights_end():
     ks = torch.tensor([tr.k_for(i) for i in range(100)])
     assert tr.k_for(0) == 1 and tr.k_for(99) == 2
     assert (ks[:25] == 1).float().mean() > 0.6 and (ks[75:] == 2).float().mean() > 0.6
+
+
+def test_alpha_k_picks_alpha_by_step_count_and_needs_one_value_per_k():
+    loss = LossConfig(alpha=1.2, alpha_k=(1.0, 1.5, 1.5, 2.0))
+    assert [loss.alpha_for(k) for k in (1, 2, 4)] == [1.0, 1.5, 2.0]
+    assert LossConfig(alpha=1.2).alpha_for(3) == 1.2
+    SiDConfig(generator=GeneratorConfig(num_steps=4), loss=loss)
+    with pytest.raises(ConfigError, match="loss.alpha_k=1.0,1.5,1.5,2.0 needs 2 values"):
+        SiDConfig(generator=GeneratorConfig(num_steps=2), loss=loss)
 
 
 @pytest.mark.parametrize("weights", [(1, 1, 1), (1, -1, 1, 1), (0, 0, 0, 0)])

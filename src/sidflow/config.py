@@ -91,6 +91,8 @@ def _normalised(weights: tuple[float, ...]) -> tuple[float, ...]:
 @dataclass(frozen=True)
 class LossConfig:
     alpha: float = 1.0             # SiD alpha (1.2 in original SiD)
+    # alpha of iterations that train k = 1..K steps (one value per k); None = alpha for every k
+    alpha_k: tuple[float, ...] | None = None
     weighting: Weighting = "1_minus_sigma"
     t_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
     t_mean: float = math.log(2.0)  # logit-normal location
@@ -102,6 +104,10 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         _validate(self)
+
+    def alpha_for(self, k: int) -> float:
+        """The SiD alpha of an iteration whose generator runs ``k`` steps."""
+        return self.alpha if self.alpha_k is None else self.alpha_k[k - 1]
 
 
 @dataclass(frozen=True)
@@ -223,6 +229,12 @@ class SiDConfig:
     gan: GANConfig = field(default_factory=GANConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        a, steps = self.loss.alpha_k, self.generator.num_steps
+        if a is not None and len(a) != steps:
+            raise ConfigError(f"loss.alpha_k={','.join(map(str, a))} needs {steps} values (one per k = "
+                              f"1..generator.num_steps), or none to use loss.alpha for every k")
 
 
 # ---- (de)serialisation and overrides ----------------------------------------------------------

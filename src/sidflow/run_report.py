@@ -89,6 +89,11 @@ def _k_odds(config: SiDConfig) -> str:
     return fmt(gc.k_weights) if gc.k_weights_end is None else f"{fmt(gc.k_weights)} -> {fmt(gc.k_weights_end)}"
 
 
+def _alpha(config: SiDConfig) -> str:
+    lc = config.loss
+    return f"{lc.alpha:g}" if lc.alpha_k is None else "by k " + ":".join(f"{a:g}" for a in lc.alpha_k)
+
+
 def _figures_line(config: SiDConfig, result: dict[str, Any]) -> str:
     """Which weights the figures come from: the final ones, or the snapshot selected on validation."""
     ema = " (EMA)" if config.train.ema_halflife_kimg > 0 else ""
@@ -142,7 +147,7 @@ def finish_run(run_dir: Path, config: SiDConfig, teacher, generator: Denoiser, l
                f"{result['train_seconds'] / 60:.1f} min of training "
                f"({result['wall_seconds_before_report'] / 60:.1f} min with evaluation)",
                f"generator: {config.generator.num_steps}-step schedule, noise `{config.generator.noise_type}`, "
-               f"k odds {_k_odds(config)}; alpha {config.loss.alpha:g}; "
+               f"k odds {_k_odds(config)}; alpha {_alpha(config)}; "
                f"kappa1..4 = {config.guidance.kappa1:g}/{config.guidance.kappa2:g}/"
                f"{config.guidance.kappa3_value:g}/{config.guidance.kappa4:g}; lr {config.optim.lr:g}, "
                f"glr {config.optim.glr:g}, batch {config.train.batch}",

@@ -299,7 +299,7 @@ class SiDTrainer:
         cond, uncond = self._critic_conds(d)
         x0_teacher = guided_x0(self.teacher, x_t, d.t, cond, uncond, self.config.guidance.kappa4)
         x0_fake, x0_fake3, feats = self._fake_x0(x_t, d.t, cond, uncond, features=gan_phase == "mix")
-        per = lc.lsg * sid_generator_loss(x_g, x0_teacher, x0_fake, d.t, lc.alpha, lc.weighting,
+        per = lc.lsg * sid_generator_loss(x_g, x0_teacher, x0_fake, d.t, lc.alpha_for(k), lc.weighting,
                                           x0_fake_second=x0_fake3)
         mask = finite_mask(x_g, x0_teacher, x0_fake)
         if gan_phase == "mix":
