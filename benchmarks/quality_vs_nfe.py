@@ -4,7 +4,8 @@ One table from one invocation: the teacher at 1, 2, 4, 8, 16, 32, 64 Euler steps
 scale (NFE counts both CFG passes when w != 1) and the run's generator at 1, 2 and 4 steps; FID in
 the bundled evaluator's feature space, prompt accuracy, NFE and wall time per image (sampling and
 decoding, this machine). Same evaluation prompts, initial noise and sample count for every row.
-The generator is the one the run reports: its validation-selected snapshot when it kept one.
+The generator is the one the run reports: its validation-selected snapshot when it kept one (per
+step count with ``eval.select=validation_per_steps``).
 
     python benchmarks/quality_vs_nfe.py runs/digits [--guidance 1 2] [--samples 1000] [--json out.json]
 """
@@ -49,6 +50,8 @@ def main() -> None:
                          "fid": score["fid"], "accuracy": score["accuracy"], "sec_per_image": sec})
             print(_fmt(rows[-1]), flush=True)
     for steps in args.student_steps:
+        if config.eval.select == "validation_per_steps":  # the snapshot the run kept for this step count
+            generator = load_run_generator(args.run_dir, steps=steps)[2]
         images, sec = ev.images(generator, steps)
         score = ev.evaluator.score(images, ev.set.labels)
         rows.append({"model": "SiD generator", "steps": steps, "nfe": steps, "fid": score["fid"],

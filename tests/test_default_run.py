@@ -19,24 +19,38 @@ def test_default_preset_is_the_bundled_teacher():
     assert config.eval.kind == "digits" and config.eval.num_samples == 1000
 
 
-def test_shortened_default_run(tmp_path):
+@pytest.mark.parametrize("select", ["validation", "validation_per_steps"])
+def test_shortened_default_run(tmp_path, select):
     run = tmp_path / "run"
     rc = cli.main(["distill", "--run-dir", str(run), "train.max_steps=3", "train.batch=8", "train.batch_gpu=8",
-                   "eval.every_kimg=0.016", "eval.num_samples=100", "eval.grid_size=4", "eval.select=validation"])
+                   "eval.every_kimg=0.016", "eval.num_samples=100", "eval.grid_size=4", f"eval.select={select}"])
     assert rc == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["iterations"] == 3
     # evaluated before training, after 2 iterations and at the end, at 1 and 4 steps
-    assert [row["images_seen"] for row in metrics["history"]] == [0, 16, 24]
+    history = metrics["history"]
+    assert [row["images_seen"] for row in history] == [0, 16, 24]
     final = metrics["final"]
     for steps in (1, 4):
         assert 0.0 <= final[f"acc_{steps}step"] <= 1.0 and final[f"fid_{steps}step"] > 0
         assert final[f"val_fid_{steps}step"] > 0  # validation FID against the training digits
-    # the reported weights are the snapshot chosen on validation FID (the 0-image row is never offered)
-    chosen = metrics["selected"]["images_seen"]
-    assert chosen in (16, 24) and (run / "selected" / "tensors.safetensors").is_file()
-    assert final == next(row for row in metrics["history"] if row["images_seen"] == chosen)
-    assert ("last" in metrics) == (chosen != 24)
+    # the reported weights are the snapshot(s) chosen on validation FID (the 0-image row is never offered)
+    selected = metrics["selected"]
+    if select == "validation":
+        chosen = selected["images_seen"]
+        assert chosen in (16, 24) and (run / "selected" / "tensors.safetensors").is_file()
+        assert final == next(row for row in history if row["images_seen"] == chosen)
+        assert ("last" in metrics) == (chosen != 24)
+    else:  # each step count's figures come from the snapshot with its own best validation FID
+        for steps in (1, 4):
+            kept = selected["by_steps"][str(steps)]
+            row = next(r for r in history if r["images_seen"] == kept["images_seen"])
+            assert kept["images_seen"] in (16, 24) and (run / kept["path"] / "tensors.safetensors").is_file()
+            assert row[f"val_fid_{steps}step"] == min(r[f"val_fid_{steps}step"] for r in history[1:])
+            assert final[f"fid_{steps}step"] == row[f"fid_{steps}step"]
+        assert selected["path"] == "selected/4step"
+        assert cli.main(["sample", str(run), "--prompt", "the number 7", "--steps", "1",
+                         "--out", str(tmp_path / "one.png")]) == 0
     # the cached teacher baseline is read, not recomputed
     assert metrics["teacher"]["best"]["fid"] > 0 and metrics["teacher"]["num_samples"] == 1000
     report = (run / "report.md").read_text()

@@ -11,7 +11,7 @@ from torch import nn
 from sidflow.checkpoint import is_checkpoint
 from sidflow.config import EvalConfig
 from sidflow.errors import ConfigError
-from sidflow.selection import SELECTED, SnapshotSelector, validation_score
+from sidflow.selection import SELECTED, SnapshotSelector, snapshot_path, validation_score
 
 
 def _row(images_seen: int, v1: float, v4: float, held_out: float = 50.0) -> dict:
@@ -60,3 +60,28 @@ def test_selector_refuses_rows_without_validation_fid(tmp_path):
 def test_validation_selection_needs_an_evaluation():
     with pytest.raises(ConfigError, match="eval.kind=digits"):
         EvalConfig(kind="none", select="validation")
+
+
+def test_per_steps_selection_keeps_one_snapshot_per_step_count(tmp_path):
+    sel = SnapshotSelector(tmp_path, (1, 4), per_steps=True)
+    assert sel.offer(_row(100, 40.0, 20.0), _net(1.0)) == [(1,), (4,)]
+    assert sel.offer(_row(200, 30.0, 25.0), _net(2.0)) == [(1,)]   # better 1-step, worse 4-step
+    assert sel.offer(_row(300, 35.0, 15.0), _net(3.0)) == [(4,)]
+    assert sel.offer(_row(400, 31.0, 16.0), _net(4.0)) == []
+    assert sel.row_for(1)["images_seen"] == 200 and sel.row_for(4)["images_seen"] == 300
+    assert sel.best_row["images_seen"] == 300  # the largest step count
+    # sampling with k steps uses the snapshot of the nearest evaluated step count (ties: the larger)
+    for steps, value, kept in ((1, 2.0, 1), (2, 2.0, 1), (3, 3.0, 4), (4, 3.0, 4), (None, 3.0, 4)):
+        assert all(torch.equal(p, torch.full_like(p, value)) for p in sel.load_into(_net(0.0), steps).parameters())
+        assert snapshot_path(tmp_path, steps) == tmp_path / SELECTED / f"{kept}step"
+    assert not is_checkpoint(tmp_path / SELECTED)
+    again = SnapshotSelector(tmp_path, (1, 4), per_steps=True)  # resumed
+    assert again.row_for(1)["images_seen"] == 200 and again.row_for(4)["images_seen"] == 300
+    assert again.offer(_row(500, 29.0, 15.5), _net(5.0)) == [(1,)]
+
+
+def test_snapshot_path_without_selection_is_none(tmp_path):
+    assert snapshot_path(tmp_path, 4) is None
+    sel = SnapshotSelector(tmp_path, (1, 4))
+    sel.offer(_row(100, 40.0, 20.0), _net(1.0))
+    assert snapshot_path(tmp_path, 1) == snapshot_path(tmp_path, 4) == tmp_path / SELECTED

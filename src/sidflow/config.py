@@ -206,14 +206,15 @@ class EvalConfig:
     student_steps: tuple[int, ...] = (1, 4)   # generator step counts scored at each evaluation
     teacher_grid_steps: tuple[int, ...] = (4, 32)   # teacher rows of the sample grid
     grid_size: int = 20            # images per row of the sample grids
-    # which weights the run reports and exports: "final" (the last, EMA when on) or "validation"
-    # (the evaluated snapshot with the best validation FID, never measured on the held-out set; spec 9)
-    select: Literal["final", "validation"] = "final"
+    # which weights the run reports and exports: "final" (the last, EMA when on), "validation" (the
+    # evaluated snapshot with the best validation FID over all student_steps, never measured on the
+    # held-out set; spec 9) or "validation_per_steps" (the best snapshot for each step count)
+    select: Literal["final", "validation", "validation_per_steps"] = "final"
 
     def __post_init__(self) -> None:
         _validate(self)
-        if self.select == "validation" and self.kind == "none":
-            raise ConfigError("eval.select=validation needs an evaluation with validation FIDs "
+        if self.select != "final" and self.kind == "none":
+            raise ConfigError(f"eval.select={self.select} needs an evaluation with validation FIDs "
                               "(eval.kind=digits); use eval.select=final")
 
 

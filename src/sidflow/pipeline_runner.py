@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 
 from sidflow.checkpoint import (
-    is_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     load_module_weights,
@@ -52,7 +51,7 @@ from sidflow.distributed import (
 )
 from sidflow.errors import CheckpointError, ConfigError
 from sidflow.evaluation import make_evaluation, sample_student
-from sidflow.selection import SELECTED, SnapshotSelector
+from sidflow.selection import SnapshotSelector, snapshot_path
 from sidflow.trainer import SiDTrainer, generator_state_dict
 
 __all__ = ["run_pipeline", "resolve_teacher_path", "resolve_prompts", "load_run_generator", "sample_run",
@@ -258,8 +257,9 @@ def _train(config: SiDConfig, run_dir: Path, ctx: DistContext, run: _Run, progre
                   if config.eval.every_kimg > 0 and config.eval.kind != "none" else 0)
     log_path, history = run_dir / "log.jsonl", []
     writer = SummaryWriter(str(run_dir / "tensorboard")) if main else None
-    selector = (SnapshotSelector(run_dir, config.eval.student_steps, to_dict(config))
-                if main and evaluation is not None and config.eval.select == "validation" else None)
+    selector = (SnapshotSelector(run_dir, config.eval.student_steps, to_dict(config),
+                                 per_steps=config.eval.select == "validation_per_steps")
+                if main and evaluation is not None and config.eval.select != "final" else None)
     if eval_every and trainer.iteration == 0:
         student = _eval_generator(trainer, run.scratch, run.sharded)
         if main:
@@ -283,8 +283,8 @@ def _train(config: SiDConfig, run_dir: Path, ctx: DistContext, run: _Run, progre
                 row = evaluation.score_student(student, trainer.images_seen)
                 history.append(row)
                 _log(writer, log_path, row)
-                kept = selector is not None and selector.offer(row, student)
-                bar.write(evaluation.describe(row) + (" (best on validation so far)" if kept else ""))
+                kept = selector.offer(row, student) if selector is not None else []
+                bar.write(evaluation.describe(row) + _kept_note(kept, selector))
         if config.train.ckpt_every and it % config.train.ckpt_every == 0 and it != total:
             _save(trainer, run_dir, config, ctx, run.sharded)
     bar.close()
@@ -296,33 +296,85 @@ def _train(config: SiDConfig, run_dir: Path, ctx: DistContext, run: _Run, progre
         return {"rank": ctx.rank, **result}
     result.update(checkpoint=str(ckpt.relative_to(run_dir)), nonfinite_total=trainer.nonfinite_total,
                   world_size=ctx.world_size, sharding="fsdp2" if run.sharded else "none")
+    generators = None
     if evaluation is not None:
         final = evaluation.score_student(final_gen, trainer.images_seen)
         history.append(final)
         _log(writer, log_path, final)
         result["final"], result["history"] = final, history
-        if selector is not None and not selector.offer(final, final_gen) and selector.best_row is not None:
-            # an earlier snapshot won on validation: report, grid and export it (the run's choice)
-            final_gen = selector.load_into(copy.deepcopy(final_gen))
-            result["final"], result["last"] = selector.best_row, final
-        if selector is not None and selector.best_row is not None:
-            result["selected"] = {"images_seen": result["final"]["images_seen"], "path": SELECTED,
-                                  "rule": "lowest mean log validation FID (training digits) over "
-                                          f"{', '.join(map(str, config.eval.student_steps))} steps"}
+        if selector is not None:
+            selector.offer(final, final_gen)
+        if selector is not None and selector.kept:
+            # report, grid and export the snapshots the run chose on validation
+            generators = _selected_generators(selector, final, final_gen, config.eval.student_steps)
+            reported = _reported_row(selector, config.eval.student_steps)
+            if reported != final:
+                result["final"], result["last"] = reported, final
+            final_gen = generators[max(generators)]
+            result["selected"] = _selected_info(selector, run_dir, config.eval.student_steps)
         result["teacher"] = evaluation.teacher_reference()
     writer.close()
     result["wall_seconds_before_report"] = time.perf_counter() - start
     from sidflow.run_report import finish_run  # lazy: matplotlib
 
-    finish_run(run_dir, config, run.teacher, final_gen, run.latent_shape, evaluation, result)
+    finish_run(run_dir, config, run.teacher, final_gen, run.latent_shape, evaluation, result,
+               generators=generators)
     return result
 
 
-def load_run_generator(run_dir: Path, device: torch.device | str | None = None, *, ema: bool = True):
+def _kept_note(won: list[tuple[int, ...]], selector: SnapshotSelector | None) -> str:
+    if not won:
+        return ""
+    if selector is None or not selector.per_steps:
+        return " (best on validation so far)"
+    return f" (best on validation so far at {', '.join(str(s[0]) for s in won)} steps)"
+
+
+def _selected_generators(selector: SnapshotSelector, final: dict[str, Any], final_gen, steps: tuple[int, ...]
+                         ) -> dict[int, Any]:
+    """The generator kept for each step count (the final one where it won; one load per snapshot)."""
+    loaded: dict[int, Any] = {final["images_seen"]: final_gen}
+    out = {}
+    for k in steps:
+        seen = selector.row_for(k)["images_seen"]
+        if seen not in loaded:
+            loaded[seen] = selector.load_into(copy.deepcopy(final_gen), k)
+        out[k] = loaded[seen]
+    return out
+
+
+def _reported_row(selector: SnapshotSelector, steps: tuple[int, ...]) -> dict[str, Any]:
+    """One evaluation row with each step count's figures taken from the snapshot kept for it;
+    ``images_seen`` is that of the largest step count's snapshot."""
+    main = selector.row_for(max(steps))
+    if not selector.per_steps:
+        return main
+    row = {"images_seen": main["images_seen"]}
+    for k in steps:
+        kept = selector.row_for(k)
+        row.update({key: v for key, v in kept.items() if key.endswith(f"_{k}step")})
+        row[f"images_seen_{k}step"] = kept["images_seen"]
+    return row
+
+
+def _selected_info(selector: SnapshotSelector, run_dir: Path, steps: tuple[int, ...]) -> dict[str, Any]:
+    info: dict[str, Any] = {"images_seen": selector.row_for(max(steps))["images_seen"],
+                            "path": str(selector.path_for(max(steps)).relative_to(run_dir)),
+                            "rule": selector.rule()}
+    if selector.per_steps:
+        info["by_steps"] = {str(k): {"images_seen": selector.row_for(k)["images_seen"],
+                                     "path": str(selector.path_for(k).relative_to(run_dir))} for k in steps}
+    return info
+
+
+def load_run_generator(run_dir: Path, device: torch.device | str | None = None, *, ema: bool = True,
+                       steps: int | None = None):
     """``(config, teacher, generator, latent_shape)`` of a finished run.
 
-    The weights are the snapshot the run selected on validation (``selected/``, when it did and
-    ``ema`` is on), else those of its latest checkpoint (EMA when ``ema`` and the run kept one).
+    The weights are the snapshot the run selected on validation for ``steps`` generator steps
+    (``selected/``, or ``selected/{k}step/`` of the nearest evaluated k; None = the largest; when it
+    kept one and ``ema`` is on), else those of its latest checkpoint (EMA when ``ema`` and the run
+    kept one).
     """
     from sidflow.config import from_json
 
@@ -332,7 +384,7 @@ def load_run_generator(run_dir: Path, device: torch.device | str | None = None, 
         raise ConfigError(f"{run_dir} has no config.json; pass the folder of a 'sidflow distill' run")
     config = from_json(cfg_path.read_text())
     device = torch.device(device) if device is not None else _device()
-    ckpt = run_dir / SELECTED if ema and is_checkpoint(run_dir / SELECTED) else latest_checkpoint(run_dir)
+    ckpt = (snapshot_path(run_dir, steps) if ema else None) or latest_checkpoint(run_dir)
     if ckpt is None:
         raise ConfigError(f"{run_dir} has no checkpoint yet; let 'sidflow distill' finish or resume it")
     teacher = load_run_teacher(config, device)
@@ -346,7 +398,7 @@ def load_run_generator(run_dir: Path, device: torch.device | str | None = None, 
 def sample_run(run_dir: Path, prompts: list[str], *, steps: int | None = None, seed: int = 0
                ) -> Tensor:
     """Images ``[N, C, H, W]`` in [-1, 1] from a finished run's generator."""
-    config, teacher, generator, latent_shape = load_run_generator(run_dir)
+    config, teacher, generator, latent_shape = load_run_generator(run_dir, steps=steps)
     latents = sample_student(generator, teacher.encode_prompts(prompts), latent_shape, config,
                              steps=steps or config.generator.num_steps, seed=seed, device=teacher.device)
     return teacher.decode_latents(latents)

@@ -74,14 +74,14 @@ def save_labelled_grids(rows: Mapping[str, Tensor], path: str | Path, nrow: int 
 
 
 def plot_metrics(history: Sequence[Mapping[str, float]], path: str | Path,
-                 reference: Mapping[str, float] | None = None, selected_kimg: float | None = None) -> Path:
+                 reference: Mapping[str, float] | None = None, marks: Mapping[str, float] | None = None) -> Path:
     """Plot FID and prompt accuracy against training images, one line per student step count.
 
     Args:
         history: rows with ``images_seen`` and keys ``fid_{k}step`` / ``acc_{k}step``.
         reference: horizontal lines, e.g. ``{"teacher best FID": 60.0, "real floor FID": 30.0}``
             (keys containing "FID" go on the FID axis, the others on the accuracy axis).
-        selected_kimg: where the run's selected snapshot sits (a dotted vertical line), if any.
+        marks: labelled vertical lines at training images (k), e.g. ``{"selected snapshot": 14.4}``.
     """
     import matplotlib
 
@@ -100,9 +100,9 @@ def plot_metrics(history: Sequence[Mapping[str, float]], path: str | Path,
         ax = ax_fid if "FID" in name else ax_acc
         ax.axhline(value, linestyle="--", linewidth=1, color="gray")
         ax.text(xs[0] if xs else 0, value, name, fontsize=7, va="bottom")
-    if selected_kimg is not None:
+    for i, (name, kimg) in enumerate((marks or {}).items()):
         for ax in (ax_fid, ax_acc):
-            ax.axvline(selected_kimg, linestyle=":", linewidth=1.2, color="black", label="selected snapshot")
+            ax.axvline(kimg, linestyle=":" if i == 0 else "-.", linewidth=1.2, color="black", label=name)
     ax_fid.set(xlabel="training images (k)", ylabel="FID (evaluator features)", yscale="log")
     ax_acc.set(xlabel="training images (k)", ylabel="prompt accuracy", ylim=(0, 1.02))
     for ax in (ax_fid, ax_acc):

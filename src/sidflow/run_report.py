@@ -101,7 +101,11 @@ def _figures_line(config: SiDConfig, result: dict[str, Any]) -> str:
     if not selected:
         return f"figures: final weights{ema}"
     last = result.get("last")
-    where = (f"the snapshot at {selected['images_seen'] / 1000:.1f}k images" if last else "the final weights")
+    if "by_steps" in selected:
+        where = "; ".join(f"{k} step{'s' if int(k) > 1 else ''} from the snapshot at "
+                          f"{v['images_seen'] / 1000:.1f}k images" for k, v in selected["by_steps"].items())
+    else:
+        where = (f"the snapshot at {selected['images_seen'] / 1000:.1f}k images" if last else "the final weights")
     return (f"figures: {where}{ema}, selected by {selected['rule']}; the held-out digits are never used "
             "for selection" + (f" (last weights: {_describe_row(last)})" if last else ""))
 
@@ -111,8 +115,12 @@ def _describe_row(row: dict[str, Any]) -> str:
 
 
 def finish_run(run_dir: Path, config: SiDConfig, teacher, generator: Denoiser, latent_shape, evaluation,
-               result: dict[str, Any]) -> None:
-    """Write grids, plot, exported pipeline and ``report.md`` into ``run_dir`` (updates ``result``)."""
+               result: dict[str, Any], generators: dict[int, Denoiser] | None = None) -> None:
+    """Write grids, plot, exported pipeline and ``report.md`` into ``run_dir`` (updates ``result``).
+
+    ``generator`` is exported; ``generators`` (step count -> weights, when the run selected a
+    snapshot per step count) draws each student row of the grid.
+    """
     prompts, noise = _grid_prompts(config, evaluation)
     if noise.numel() == 0:
         noise = randn_per_sample(tuple(latent_shape), seed=config.train.seed, iteration=0, stream="grid/z",
@@ -123,7 +131,8 @@ def finish_run(run_dir: Path, config: SiDConfig, teacher, generator: Denoiser, l
             for s in config.eval.teacher_grid_steps}
     cond = teacher.encode_prompts(prompts)
     for steps in config.eval.student_steps:
-        latents = sample_student(generator, cond, tuple(latent_shape), config, steps=steps,
+        student = (generators or {}).get(steps, generator)
+        latents = sample_student(student, cond, tuple(latent_shape), config, steps=steps,
                                  seed=config.train.seed, device=teacher.device, z=noise)
         rows[f"student {steps} step{'s' if steps > 1 else ''}"] = teacher.decode_latents(
             latents.to(teacher.device)).float().cpu()
@@ -138,8 +147,10 @@ def finish_run(run_dir: Path, config: SiDConfig, teacher, generator: Denoiser, l
         if teacher_ref.get("floor_fid"):
             reference["real-vs-real FID"] = teacher_ref["floor_fid"]
         selected = result.get("selected")
-        plot_metrics(result["history"], run_dir / "metrics.png", reference=reference,
-                     selected_kimg=selected["images_seen"] / 1000 if selected else None)
+        marks = ({f"selected ({k} step{'s' if int(k) > 1 else ''})": v["images_seen"] / 1000
+                  for k, v in selected["by_steps"].items()} if selected and "by_steps" in selected
+                 else {"selected snapshot": selected["images_seen"] / 1000} if selected else {})
+        plot_metrics(result["history"], run_dir / "metrics.png", reference=reference, marks=marks)
         images["FID and prompt accuracy against training images"] = "metrics.png"
     export_generator(teacher, generator, run_dir / "generator_pipeline", config)
     summary = [f"teacher: `{config.teacher.path}`; preset `{config.name}`",
@@ -160,7 +171,12 @@ def finish_run(run_dir: Path, config: SiDConfig, teacher, generator: Denoiser, l
     links = {"config": "config.json", "metrics": "metrics.json", "training log": "log.jsonl",
              "final checkpoint": result["checkpoint"], "generator as a diffusers pipeline": "generator_pipeline",
              "TensorBoard logs": "tensorboard"}
-    if result.get("selected"):
-        links["selected snapshot (reported, exported, used by `sidflow sample`)"] = result["selected"]["path"]
+    selected = result.get("selected")
+    if selected and "by_steps" in selected:
+        for k, v in selected["by_steps"].items():
+            links[f"snapshot selected for {k} step{'s' if int(k) > 1 else ''} (reported; used by "
+                  f"`sidflow sample`{', exported' if v['path'] == selected['path'] else ''})"] = v["path"]
+    elif selected:
+        links["selected snapshot (reported, exported, used by `sidflow sample`)"] = selected["path"]
     write_report(run_dir / "report.md", title="sidflow distillation report", summary=summary, tables=tables,
                  images=images, links=links)

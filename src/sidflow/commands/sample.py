@@ -3,8 +3,9 @@
     sidflow sample runs/digits --prompt "the number 7" --prompt "a handwritten digit three" --steps 4
     sidflow sample runs/digits --prompts-file prompts.txt --steps 1 --out one_step.png
 
-Uses the snapshot the run selected on validation (``selected/``, with ``eval.select=validation``),
-else its latest checkpoint (EMA weights when the run kept them), and the run's own config
+Uses the snapshot the run selected on validation (``selected/`` with ``eval.select=validation``;
+with ``validation_per_steps`` the one kept for the nearest evaluated step count), else its latest
+checkpoint (EMA weights when the run kept them), and the run's own config
 (step schedule, noise type, resolution). Writes one PNG grid, one image per prompt.
 """
 
