@@ -85,3 +85,23 @@ def test_snapshot_path_without_selection_is_none(tmp_path):
     sel = SnapshotSelector(tmp_path, (1, 4))
     sel.offer(_row(100, 40.0, 20.0), _net(1.0))
     assert snapshot_path(tmp_path, 1) == snapshot_path(tmp_path, 4) == tmp_path / SELECTED
+
+
+def test_per_steps_reporting_falls_back_to_the_final_weights_where_nothing_was_kept(tmp_path):
+    from sidflow.pipeline_runner import _reported_row, _selected_generators, _selected_info
+
+    sel = SnapshotSelector(tmp_path, (4, 1), per_steps=True)  # any order
+    nan4 = {**_row(100, 30.0, float("nan")), "fid_1step": 40.0, "fid_4step": 20.0}
+    assert sel.offer(nan4, _net(1.0)) == [(1,)]
+    final, final_gen = {**_row(200, 35.0, float("nan")), "fid_1step": 45.0, "fid_4step": 21.0}, _net(2.0)
+    assert sel.offer(final, final_gen) == [] and sel.kept and sel.row_for(4) is None
+    gens = _selected_generators(sel, final, final_gen, (4, 1))
+    assert gens[4] is final_gen and torch.equal(next(gens[1].parameters()), torch.full((2, 3), 1.0))
+    row = _reported_row(sel, final, (4, 1))
+    assert (row["fid_1step"], row["images_seen_1step"], row["fid_4step"], row["images_seen_4step"]) == (40.0, 100,
+                                                                                                      21.0, 200)
+    info = _selected_info(sel, tmp_path, (4, 1))
+    assert info["by_steps"] == {"1": {"images_seen": 100, "path": "selected/1step"}}
+    assert info["path"] == "selected/1step"
+    assert sel.offer(_row(300, 40.0, 9.0), _net(3.0)) == [(4,)]
+    assert sel.best_row["images_seen"] == 300  # the largest step count, whatever the order given

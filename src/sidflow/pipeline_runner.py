@@ -307,7 +307,7 @@ def _train(config: SiDConfig, run_dir: Path, ctx: DistContext, run: _Run, progre
         if selector is not None and selector.kept:
             # report, grid and export the snapshots the run chose on validation
             generators = _selected_generators(selector, final, final_gen, config.eval.student_steps)
-            reported = _reported_row(selector, config.eval.student_steps)
+            reported = _reported_row(selector, final, config.eval.student_steps)
             if reported != final:
                 result["final"], result["last"] = reported, final
             final_gen = generators[max(generators)]
@@ -332,38 +332,41 @@ def _kept_note(won: list[tuple[int, ...]], selector: SnapshotSelector | None) ->
 
 def _selected_generators(selector: SnapshotSelector, final: dict[str, Any], final_gen, steps: tuple[int, ...]
                          ) -> dict[int, Any]:
-    """The generator kept for each step count (the final one where it won; one load per snapshot)."""
+    """The generator kept for each step count (the final one where it won or where nothing was kept,
+    e.g. all its validation FIDs non-finite; one load per snapshot)."""
     loaded: dict[int, Any] = {final["images_seen"]: final_gen}
     out = {}
     for k in steps:
-        seen = selector.row_for(k)["images_seen"]
+        seen = (selector.row_for(k) or final)["images_seen"]
         if seen not in loaded:
             loaded[seen] = selector.load_into(copy.deepcopy(final_gen), k)
         out[k] = loaded[seen]
     return out
 
 
-def _reported_row(selector: SnapshotSelector, steps: tuple[int, ...]) -> dict[str, Any]:
-    """One evaluation row with each step count's figures taken from the snapshot kept for it;
-    ``images_seen`` is that of the largest step count's snapshot."""
-    main = selector.row_for(max(steps))
+def _reported_row(selector: SnapshotSelector, final: dict[str, Any], steps: tuple[int, ...]) -> dict[str, Any]:
+    """One evaluation row with each step count's figures taken from the snapshot kept for it (the
+    final row where none was kept); ``images_seen`` is that of the largest step count's snapshot."""
+    main = selector.row_for(max(steps)) or final
     if not selector.per_steps:
         return main
     row = {"images_seen": main["images_seen"]}
     for k in steps:
-        kept = selector.row_for(k)
+        kept = selector.row_for(k) or final
         row.update({key: v for key, v in kept.items() if key.endswith(f"_{k}step")})
         row[f"images_seen_{k}step"] = kept["images_seen"]
     return row
 
 
 def _selected_info(selector: SnapshotSelector, run_dir: Path, steps: tuple[int, ...]) -> dict[str, Any]:
-    info: dict[str, Any] = {"images_seen": selector.row_for(max(steps))["images_seen"],
-                            "path": str(selector.path_for(max(steps)).relative_to(run_dir)),
-                            "rule": selector.rule()}
+    """Which snapshots were kept (step counts whose criterion kept none are left out)."""
+    kept = {k: selector.row_for(k) for k in steps if selector.row_for(k) is not None}
+    main = max(kept)
+    info: dict[str, Any] = {"images_seen": kept[main]["images_seen"],
+                            "path": str(selector.path_for(main).relative_to(run_dir)), "rule": selector.rule()}
     if selector.per_steps:
-        info["by_steps"] = {str(k): {"images_seen": selector.row_for(k)["images_seen"],
-                                     "path": str(selector.path_for(k).relative_to(run_dir))} for k in steps}
+        info["by_steps"] = {str(k): {"images_seen": row["images_seen"],
+                                     "path": str(selector.path_for(k).relative_to(run_dir))} for k, row in kept.items()}
     return info
 
 

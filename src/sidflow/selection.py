@@ -111,8 +111,10 @@ class SnapshotSelector:
                 f"{', '.join(map(str, self.steps))} steps")
 
     def _track(self, steps: int | None) -> _Track:
-        if not self.per_steps or steps is None:
-            return self.tracks[-1]
+        if not self.per_steps:
+            return self.tracks[0]
+        if steps is None:
+            return max(self.tracks, key=lambda t: t.steps[0])
         return min(self.tracks, key=lambda t: (abs(t.steps[0] - steps), -t.steps[0]))
 
     def row_for(self, steps: int | None = None) -> dict[str, Any] | None:
