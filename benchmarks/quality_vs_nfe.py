@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from sidflow.evaluation import StudentEvaluation
-from sidflow.pipeline_runner import load_run_generator, resolve_teacher_path
+from sidflow.pipeline_runner import load_run_generator, load_run_weights, resolve_teacher_path
 from sidflow.run_report import teacher_images
 
 
@@ -51,7 +51,7 @@ def main() -> None:
             print(_fmt(rows[-1]), flush=True)
     for steps in args.student_steps:
         if config.eval.select == "validation_per_steps":  # the snapshot the run kept for this step count
-            generator = load_run_generator(args.run_dir, steps=steps)[2]
+            load_run_weights(args.run_dir, generator, steps=steps)
         images, sec = ev.images(generator, steps)
         score = ev.evaluator.score(images, ev.set.labels)
         rows.append({"model": "SiD generator", "steps": steps, "nfe": steps, "fid": score["fid"],

@@ -54,8 +54,8 @@ from sidflow.evaluation import make_evaluation, sample_student
 from sidflow.selection import SnapshotSelector, snapshot_path
 from sidflow.trainer import SiDTrainer, generator_state_dict
 
-__all__ = ["run_pipeline", "resolve_teacher_path", "resolve_prompts", "load_run_generator", "sample_run",
-           "BUNDLED"]
+__all__ = ["run_pipeline", "resolve_teacher_path", "resolve_prompts", "load_run_generator", "load_run_weights",
+           "sample_run", "BUNDLED"]
 
 BUNDLED = "bundled"   # teacher.path naming the tiny SD3 teacher shipped in sidflow/assets/teacher
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -387,15 +387,22 @@ def load_run_generator(run_dir: Path, device: torch.device | str | None = None, 
         raise ConfigError(f"{run_dir} has no config.json; pass the folder of a 'sidflow distill' run")
     config = from_json(cfg_path.read_text())
     device = torch.device(device) if device is not None else _device()
+    teacher = load_run_teacher(config, device)
+    generator = load_run_weights(run_dir, copy.deepcopy(teacher.denoiser).requires_grad_(False),
+                                 steps=steps, ema=ema)
+    return config, teacher, generator, teacher.latent_shape(config.data.resolution)
+
+
+def load_run_weights(run_dir: Path, generator, *, steps: int | None = None, ema: bool = True):
+    """Load into ``generator`` (in place; returned) the weights :func:`load_run_generator` picks for
+    ``steps`` generator steps, without loading the teacher again."""
+    run_dir = Path(run_dir)
     ckpt = (snapshot_path(run_dir, steps) if ema else None) or latest_checkpoint(run_dir)
     if ckpt is None:
         raise ConfigError(f"{run_dir} has no checkpoint yet; let 'sidflow distill' finish or resume it")
-    teacher = load_run_teacher(config, device)
-    generator = copy.deepcopy(teacher.denoiser).requires_grad_(False)
-    state, _ = load_checkpoint(ckpt, device=device)
+    state, _ = load_checkpoint(ckpt, device=next(generator.parameters()).device)
     prefix = "ema/" if ema and any(k.startswith("ema/") for k in state["tensors"]) else "generator/"
-    load_module_weights(generator, state["tensors"], prefix)
-    return config, teacher, generator, teacher.latent_shape(config.data.resolution)
+    return load_module_weights(generator, state["tensors"], prefix)
 
 
 def sample_run(run_dir: Path, prompts: list[str], *, steps: int | None = None, seed: int = 0

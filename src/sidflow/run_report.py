@@ -83,15 +83,23 @@ def _headline(result: dict[str, Any], config: SiDConfig) -> list[dict[str, Any]]
     return rows
 
 
+def _steps(k: int | str) -> str:
+    return f"{k} step{'s' if int(k) > 1 else ''}"
+
+
+def _per_k(values: tuple[float, ...] | None) -> str:
+    return "uniform" if values is None else ":".join(f"{x:g}" for x in values)
+
+
 def _k_odds(config: SiDConfig) -> str:
     gc = config.generator
-    fmt = lambda w: "uniform" if w is None else ":".join(f"{x:g}" for x in w)  # noqa: E731
-    return fmt(gc.k_weights) if gc.k_weights_end is None else f"{fmt(gc.k_weights)} -> {fmt(gc.k_weights_end)}"
+    odds = _per_k(gc.k_weights)
+    return odds if gc.k_weights_end is None else f"{odds} -> {_per_k(gc.k_weights_end)}"
 
 
 def _alpha(config: SiDConfig) -> str:
     lc = config.loss
-    return f"{lc.alpha:g}" if lc.alpha_k is None else "by k " + ":".join(f"{a:g}" for a in lc.alpha_k)
+    return f"{lc.alpha:g}" if lc.alpha_k is None else "by k " + _per_k(lc.alpha_k)
 
 
 def _figures_line(config: SiDConfig, result: dict[str, Any]) -> str:
@@ -102,7 +110,7 @@ def _figures_line(config: SiDConfig, result: dict[str, Any]) -> str:
         return f"figures: final weights{ema}"
     last = result.get("last")
     if "by_steps" in selected:
-        where = "; ".join(f"{k} step{'s' if int(k) > 1 else ''} from the snapshot at "
+        where = "; ".join(f"{_steps(k)} from the snapshot at "
                           f"{v['images_seen'] / 1000:.1f}k images" for k, v in selected["by_steps"].items())
     else:
         where = (f"the snapshot at {selected['images_seen'] / 1000:.1f}k images" if last else "the final weights")
@@ -134,7 +142,7 @@ def finish_run(run_dir: Path, config: SiDConfig, teacher, generator: Denoiser, l
         student = (generators or {}).get(steps, generator)
         latents = sample_student(student, cond, tuple(latent_shape), config, steps=steps,
                                  seed=config.train.seed, device=teacher.device, z=noise)
-        rows[f"student {steps} step{'s' if steps > 1 else ''}"] = teacher.decode_latents(
+        rows[f"student {_steps(steps)}"] = teacher.decode_latents(
             latents.to(teacher.device)).float().cpu()
     save_labelled_grids(rows, run_dir / "samples.png", nrow=len(prompts))
     images = {"Samples (same prompts and initial noise per column)": "samples.png"}
@@ -147,7 +155,7 @@ def finish_run(run_dir: Path, config: SiDConfig, teacher, generator: Denoiser, l
         if teacher_ref.get("floor_fid"):
             reference["real-vs-real FID"] = teacher_ref["floor_fid"]
         selected = result.get("selected")
-        marks = ({f"selected ({k} step{'s' if int(k) > 1 else ''})": v["images_seen"] / 1000
+        marks = ({f"selected ({_steps(k)})": v["images_seen"] / 1000
                   for k, v in selected["by_steps"].items()} if selected and "by_steps" in selected
                  else {"selected snapshot": selected["images_seen"] / 1000} if selected else {})
         plot_metrics(result["history"], run_dir / "metrics.png", reference=reference, marks=marks)
@@ -174,7 +182,7 @@ def finish_run(run_dir: Path, config: SiDConfig, teacher, generator: Denoiser, l
     selected = result.get("selected")
     if selected and "by_steps" in selected:
         for k, v in selected["by_steps"].items():
-            links[f"snapshot selected for {k} step{'s' if int(k) > 1 else ''} (reported; used by "
+            links[f"snapshot selected for {_steps(k)} (reported; used by "
                   f"`sidflow sample`{', exported' if v['path'] == selected['path'] else ''})"] = v["path"]
     elif selected:
         links["selected snapshot (reported, exported, used by `sidflow sample`)"] = selected["path"]
