@@ -1,6 +1,6 @@
 """Gradient averaging across ranks: one all-reduce per parameter (the trainer today) vs coalesced.
 
-:func:`sidflow.distributed.all_reduce_mean_` flattens the gradients into one buffer per dtype
+:func:`sidflow.collectives.all_reduce_mean_` flattens the gradients into one buffer per dtype
 (bounded by ``--bucket-mb``) and issues one collective per buffer. The parameter list is the
 trainable parameters of a teacher's transformer (default: a tiny random SD3 pipeline built offline by
 :mod:`sidflow.testing`; any diffusers folder, hub id or ``bundled`` works), so the tensor count and
@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sidflow.distributed import all_reduce_mean_, init_from_env, shutdown
-from sidflow.pipeline_runner import resolve_teacher_path
+from sidflow.collectives import all_reduce_mean_
+from sidflow.run.distributed import init_from_env, shutdown
+from sidflow.run.registry import resolve_teacher_path
 
 
 def _per_parameter(params: list[torch.nn.Parameter], world: int) -> None:
@@ -55,7 +56,7 @@ def main() -> None:
     from diffusers import DiffusionPipeline
 
     path = resolve_teacher_path(args.teacher)
-    if args.teacher == "tiny-sd3":   # built before joining the group: transformers saves on rank 0 only
+    if args.teacher == "tiny-sd3":  # built before joining the group: transformers saves on rank 0 only
         from sidflow.testing import tiny_pipeline
 
         path = tiny_pipeline("sd3", Path(tempfile.mkdtemp(prefix="sidflow-allreduce-")))
@@ -74,8 +75,10 @@ def main() -> None:
     if ctx.is_main:
         print(f"{ctx.world_size} ranks ({ctx.backend}), {len(params)} gradients, {numel / 1e6:.2f} M values")
         print(f"per-parameter all-reduce: {len(params)} collectives, {per_param * 1e3:.2f} ms")
-        print(f"coalesced all_reduce_mean_: ~{n_buckets} collective(s), {coalesced * 1e3:.2f} ms "
-              f"({per_param / coalesced:.1f}x)")
+        print(
+            f"coalesced all_reduce_mean_: ~{n_buckets} collective(s), {coalesced * 1e3:.2f} ms "
+            f"({per_param / coalesced:.1f}x)"
+        )
     shutdown(ctx)
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from sidflow.config import apply_overrides, get_preset
+from sidflow.config import apply_overrides
+from sidflow.run.presets import get_preset
 from sidflow.toy.runner import TEACHER_STEPS, run_gmm
 
 
@@ -42,9 +43,11 @@ def main() -> None:
         print(f"{steps:>26} {runs['4-step']['teacher_euler'][str(steps)]['energy_distance']:>15.5f}")
     for label, run in runs.items():
         f = run["final"]
-        print(f"{label}: final {f['energy_distance']:.5f}, component share {f['component_share_min']:.2f}-"
-              f"{f['component_share_max']:.2f} of expected, prompted-class share "
-              f"{f['prompted_class_share']:.3f}, {run['seconds']:.0f} s")
+        print(
+            f"{label}: final {f['energy_distance']:.5f}, component share {f['component_share_min']:.2f}-"
+            f"{f['component_share_max']:.2f} of expected, prompted-class share "
+            f"{f['prompted_class_share']:.3f}, {run['seconds']:.0f} s"
+        )
     (out / "gmm_benchmark.json").write_text(json.dumps(runs, indent=1))
     print(f"results -> {out / 'gmm_benchmark.json'}")
 

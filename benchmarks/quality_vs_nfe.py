@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from sidflow.evaluation import StudentEvaluation
-from sidflow.pipeline_runner import load_run_generator, load_run_weights, resolve_teacher_path
-from sidflow.run_report import teacher_images
+from sidflow.digits.evaluation import DigitsEvaluation
+from sidflow.run.artifacts import load_run_generator, load_run_weights
 
 
 def main() -> None:
@@ -35,41 +34,75 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = p.parse_args()
     config, teacher, generator, shape = load_run_generator(args.run_dir)
-    config = dataclasses.replace(config, eval=dataclasses.replace(
-        config.eval, num_samples=args.samples, student_steps=tuple(args.student_steps)))
-    ev = StudentEvaluation(config, teacher, shape, teacher.device, resolve_teacher_path(config.teacher.path))
+    config = dataclasses.replace(
+        config, eval=dataclasses.replace(config.eval, num_samples=args.samples, student_steps=tuple(args.student_steps))
+    )
+    ev = DigitsEvaluation(config, teacher, shape, teacher.device)
     rows = []
     for w in args.guidance:
         for steps in args.teacher_steps:
             start = time.perf_counter()
-            images = torch.cat([teacher_images(teacher, ev.set.noise[lo:lo + 250], ev.set.prompts[lo:lo + 250],
-                                               steps=steps, guidance=w) for lo in range(0, args.samples, 250)])
+            images = torch.cat(
+                [
+                    teacher.decode_latents(
+                        teacher.sample(
+                            ev.set.prompts[lo : lo + 250],
+                            ev.set.noise[lo : lo + 250],
+                            num_steps=steps,
+                            guidance_scale=w,
+                        )
+                    )
+                    .float()
+                    .cpu()
+                    for lo in range(0, args.samples, 250)
+                ]
+            )
             sec = (time.perf_counter() - start) / args.samples
             score = ev.evaluator.score(images, ev.set.labels)
-            rows.append({"model": f"teacher Euler w={w:g}", "steps": steps, "nfe": steps * (1 if w == 1 else 2),
-                         "fid": score["fid"], "accuracy": score["accuracy"], "sec_per_image": sec})
+            rows.append(
+                {
+                    "model": f"teacher Euler w={w:g}",
+                    "steps": steps,
+                    "nfe": steps * (1 if w == 1 else 2),
+                    "fid": score["fid"],
+                    "accuracy": score["accuracy"],
+                    "sec_per_image": sec,
+                }
+            )
             print(_fmt(rows[-1]), flush=True)
     for steps in args.student_steps:
         if config.eval.select == "validation_per_steps":  # the snapshot the run kept for this step count
             load_run_weights(args.run_dir, generator, steps=steps)
         images, sec = ev.images(generator, steps)
         score = ev.evaluator.score(images, ev.set.labels)
-        rows.append({"model": "SiD generator", "steps": steps, "nfe": steps, "fid": score["fid"],
-                     "accuracy": score["accuracy"], "sec_per_image": sec})
+        rows.append(
+            {
+                "model": "SiD generator",
+                "steps": steps,
+                "nfe": steps,
+                "fid": score["fid"],
+                "accuracy": score["accuracy"],
+                "sec_per_image": sec,
+            }
+        )
         print(_fmt(rows[-1]), flush=True)
     floor = ev.evaluator.info.get("floor_fid")
     print(f"\n{args.samples} samples per row; real-vs-real FID floor {floor:.1f}" if floor else "")
     print("| model | steps | NFE | FID | prompt acc | ms/image |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['steps']} | {r['nfe']} | {r['fid']:.1f} | {r['accuracy']:.3f} | "
-              f"{r['sec_per_image'] * 1e3:.2f} |")
+        print(
+            f"| {r['model']} | {r['steps']} | {r['nfe']} | {r['fid']:.1f} | {r['accuracy']:.3f} | "
+            f"{r['sec_per_image'] * 1e3:.2f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps({"floor_fid": floor, "rows": rows}, indent=1) + "\n")
 
 
 def _fmt(r: dict) -> str:
-    return (f"{r['model']:>22} steps {r['steps']:>2} NFE {r['nfe']:>3}: FID {r['fid']:8.1f} "
-            f"acc {r['accuracy']:.3f} {r['sec_per_image'] * 1e3:.2f} ms/image")
+    return (
+        f"{r['model']:>22} steps {r['steps']:>2} NFE {r['nfe']:>3}: FID {r['fid']:8.1f} "
+        f"acc {r['accuracy']:.3f} {r['sec_per_image'] * 1e3:.2f} ms/image"
+    )
 
 
 if __name__ == "__main__":

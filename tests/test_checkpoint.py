@@ -1,4 +1,4 @@
-"""sidflow.checkpoint: atomic safetensors + JSON round trip, exact resume, corrupt-file errors."""
+"""sidflow.run.checkpoint: atomic safetensors + JSON round trip, exact resume, corrupt-file errors."""
 
 from __future__ import annotations
 
@@ -8,22 +8,26 @@ import json
 import pytest
 import torch
 
-from sidflow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sidflow.config import GeneratorConfig, GuidanceConfig, OptimConfig, SiDConfig, TrainConfig, to_dict
 from sidflow.errors import CheckpointError
+from sidflow.run.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sidflow.toy import GMMCondSource, GMMDenoiser, MLPDenoiser, make_mixture
 from sidflow.trainer import SiDTrainer
 
-CFG = SiDConfig(generator=GeneratorConfig(num_steps=2), guidance=GuidanceConfig(kappa1=2.0),
-                optim=OptimConfig(lr=1e-3, glr=1e-3),
-                train=TrainConfig(batch=8, batch_gpu=4, seed=1, ema_halflife_kimg=0.05))
+CFG = SiDConfig(
+    generator=GeneratorConfig(num_steps=2),
+    guidance=GuidanceConfig(kappa1=2.0),
+    optim=OptimConfig(lr=1e-3, glr=1e-3),
+    train=TrainConfig(batch=8, batch_gpu=4, seed=1, ema_halflife_kimg=0.05),
+)
 
 
 def _trainer(init_seed=0, hidden=16):
     torch.manual_seed(init_seed)
     mlp = MLPDenoiser((2,), 4, hidden=hidden, depth=2)
-    return SiDTrainer(GMMDenoiser(make_mixture("2d")), copy.deepcopy(mlp), copy.deepcopy(mlp),
-                      GMMCondSource(4), (2,), CFG)
+    return SiDTrainer(
+        GMMDenoiser(make_mixture("2d")), copy.deepcopy(mlp), copy.deepcopy(mlp), GMMCondSource(4), (2,), CFG
+    )
 
 
 def test_resume_is_bitwise_identical(tmp_path):

@@ -7,19 +7,11 @@ import json
 
 import pytest
 
-from sidflow.commands import distill
-from sidflow.config import (
-    PRESETS,
-    GuidanceConfig,
-    OptimConfig,
-    SiDConfig,
-    apply_overrides,
-    from_json,
-    get_preset,
-    register_preset,
-    to_json,
-)
+from sidflow.cli import distill
+from sidflow.config import GuidanceConfig, OptimConfig, SiDConfig, apply_overrides, from_json, to_json
 from sidflow.errors import ConfigError
+from sidflow.run import registry
+from sidflow.run.presets import PRESETS, get_preset, preset_names, register_preset
 
 
 def test_defaults_follow_the_spec():
@@ -35,25 +27,38 @@ def test_defaults_follow_the_spec():
 
 
 def test_overrides_are_typed():
-    c = apply_overrides(SiDConfig(), ["loss.alpha=1.2", "--generator.noise_type=ddim", "guidance.kappa3=2",
-                                      "guidance.embedded_teacher=3.5", "guidance.embedded_generator=none",
-                                      "optim.betas=0.0,0.99", "train.total_kimg=2.5", "generator.shift=3"])
+    c = apply_overrides(
+        SiDConfig(),
+        [
+            "loss.alpha=1.2",
+            "--generator.noise_type=ddim",
+            "guidance.kappa3=2",
+            "guidance.embedded_teacher=3.5",
+            "guidance.embedded_generator=none",
+            "optim.betas=0.0,0.99",
+            "train.total_kimg=2.5",
+            "generator.shift=3",
+        ],
+    )
     assert c.loss.alpha == 1.2 and c.generator.noise_type == "ddim" and c.guidance.kappa3 == 2.0
     assert c.guidance.embedded_teacher == 3.5 and c.guidance.embedded_generator is None
     assert c.optim.betas == (0.0, 0.99) and c.train.total_kimg == 2.5 and c.generator.shift == 3.0
     assert c.train.num_steps() == -(-2500 // c.train.batch)
 
 
-@pytest.mark.parametrize("override,match", [
-    ("loss.weighting=edm", "choose one of: 1_minus_sigma"),
-    ("loss.alpah=1", "unknown key 'loss.alpah'; valid keys of loss: alpha"),
-    ("losses.alpha=1", "unknown config section 'losses'"),
-    ("generator.num_steps=2.5", "expected int"),
-    ("generator.noise_type=sde", "fresh, fixed, ddim"),
-    ("train.batch=100", "multiple of train.batch_gpu"),
-    ("loss.alpha", "section.key=value"),
-    ("optim.betas=0.9", "needs 2"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("loss.weighting=edm", "choose one of: 1_minus_sigma"),
+        ("loss.alpah=1", "unknown key 'loss.alpah'; valid keys of loss: alpha"),
+        ("losses.alpha=1", "unknown config section 'losses'"),
+        ("generator.num_steps=2.5", "expected int"),
+        ("generator.noise_type=sde", "fresh, fixed, ddim"),
+        ("train.batch=100", "multiple of train.batch_gpu"),
+        ("loss.alpha", "section.key=value"),
+        ("optim.betas=0.9", "needs 2"),
+    ],
+)
 def test_bad_overrides_give_one_line_errors(override, match):
     with pytest.raises(ConfigError, match=match) as err:
         apply_overrides(SiDConfig(), [override])
@@ -72,7 +77,8 @@ def test_json_round_trip_and_unknown_keys():
 
 
 def test_presets_registry():
-    assert distill.DEFAULT_PRESET in PRESETS
+    assert distill.DEFAULT_PRESET in preset_names()  # registered by the digits plugin (entry point)
+    assert {"gmm-2d", "sd3-medium-4step", "flux-dev-4step"} <= set(preset_names())
     register_preset("test-only", SiDConfig(guidance=GuidanceConfig(kappa1=2.0)))
     try:
         assert get_preset("test-only").name == "test-only"
@@ -92,14 +98,16 @@ def test_distill_dry_run_prints_resolved_config(capsys):
 
 
 def test_distill_unknown_runner_and_registration(tmp_path):
-    with pytest.raises(ConfigError, match="no runner"):
+    with pytest.raises(ConfigError, match="teacher.kind='nothing' is not a known runner; choose one of: .*gmm"):
         distill.main(["--run-dir", str(tmp_path), "teacher.kind=nothing"])
     seen = {}
-    distill.register_runner("fake-kind", lambda cfg, run_dir: seen.setdefault("m", {"ok": cfg.loss.alpha}))
+    registry.register_runner("fake-kind", lambda cfg, run_dir: seen.setdefault("m", {"ok": cfg.loss.alpha}))
     try:
+        with pytest.raises(ConfigError, match="already registered"):
+            registry.register_runner("fake-kind", lambda cfg, run_dir: {})
         assert distill.main(["--run-dir", str(tmp_path), "teacher.kind=fake-kind", "loss.alpha=2"]) == 0
     finally:
-        distill.RUNNERS.pop("fake-kind")
+        registry._RUNNERS.pop("fake-kind")
     assert seen["m"] == {"ok": 2.0}
     assert from_json((tmp_path / "config.json").read_text()).loss.alpha == 2.0
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"ok": 2.0}

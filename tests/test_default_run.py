@@ -7,8 +7,8 @@ import json
 import pytest
 
 from sidflow import cli
-from sidflow.commands.distill import DEFAULT_PRESET
-from sidflow.config import get_preset
+from sidflow.cli.distill import DEFAULT_PRESET
+from sidflow.run.presets import get_preset
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +22,20 @@ def test_default_preset_is_the_bundled_teacher():
 @pytest.mark.parametrize("select", ["validation", "validation_per_steps"])
 def test_shortened_default_run(tmp_path, select):
     run = tmp_path / "run"
-    rc = cli.main(["distill", "--run-dir", str(run), "train.max_steps=3", "train.batch=8", "train.batch_gpu=8",
-                   "eval.every_kimg=0.016", "eval.num_samples=100", "eval.grid_size=4", f"eval.select={select}"])
+    rc = cli.main(
+        [
+            "distill",
+            "--run-dir",
+            str(run),
+            "train.max_steps=3",
+            "train.batch=8",
+            "train.batch_gpu=8",
+            "eval.every_kimg=0.016",
+            "eval.num_samples=100",
+            "eval.grid_size=4",
+            f"eval.select={select}",
+        ]
+    )
     assert rc == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["iterations"] == 3
@@ -49,8 +61,12 @@ def test_shortened_default_run(tmp_path, select):
             assert row[f"val_fid_{steps}step"] == min(r[f"val_fid_{steps}step"] for r in history[1:])
             assert final[f"fid_{steps}step"] == row[f"fid_{steps}step"]
         assert selected["path"] == "selected/4step"
-        assert cli.main(["sample", str(run), "--prompt", "the number 7", "--steps", "1",
-                         "--out", str(tmp_path / "one.png")]) == 0
+        assert (
+            cli.main(
+                ["sample", str(run), "--prompt", "the number 7", "--steps", "1", "--out", str(tmp_path / "one.png")]
+            )
+            == 0
+        )
     # the cached teacher baseline is read, not recomputed
     assert metrics["teacher"]["best"]["fid"] > 0 and metrics["teacher"]["num_samples"] == 1000
     report = (run / "report.md").read_text()

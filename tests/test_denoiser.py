@@ -2,7 +2,7 @@
 
 import torch
 
-from sidflow.denoiser import Cond
+from sidflow.core.denoiser import Cond
 
 
 def test_cond_cat_accepts_fields_in_any_order():

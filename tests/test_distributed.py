@@ -23,17 +23,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sidflow.checkpoint import TENSORS
-from sidflow.distributed import init_from_env
 from sidflow.errors import ConfigError
+from sidflow.run.checkpoint import TENSORS
+from sidflow.run.distributed import init_from_env
 from sidflow.testing import tiny_pipeline
 
 pytestmark = pytest.mark.slow
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONUNBUFFERED="1",
+    )
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     return env
@@ -51,7 +57,8 @@ _WORKER = textwrap.dedent("""
     import torch
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
-    from sidflow import distributed as sd
+    from sidflow import collectives
+    from sidflow.run import distributed as sd
 
     torch.set_num_threads(1)
     ctx = sd.init_from_env()
@@ -71,7 +78,7 @@ _WORKER = textwrap.dedent("""
     assert not torch.equal(reference[0], params[0].grad)
     for bucket_bytes in (16, 2**20):                              # several buckets, then one per dtype
         saved = [p.grad.clone() for p in params[:-1]]
-        sd.all_reduce_mean_(params, bucket_bytes=bucket_bytes)
+        collectives.all_reduce_mean_(params, bucket_bytes=bucket_bytes)
         for p, ref in zip(params, reference):
             assert torch.equal(p.grad, ref), (bucket_bytes, p.grad, ref)
         assert params[-1].grad is None
@@ -79,17 +86,18 @@ _WORKER = textwrap.dedent("""
             p.grad = s
     module = torch.nn.Linear(3, 2)
     torch.nn.init.constant_(module.weight, float(ctx.rank))
-    sd.broadcast_module_(module)
+    collectives.broadcast_module_(module)
     assert torch.equal(module.weight, torch.zeros(2, 3))
-    m = sd.reduce_metrics({"loss_fake": 1.0 + ctx.rank, "nonfinite_gen": ctx.rank + 1, "k": 2})
-    assert m == {"loss_fake": 1.5, "nonfinite_gen": 3, "k": 2}, m
-    assert sd.sum_over_ranks(ctx.rank + 1) == 3
+    m = collectives.mean_over_ranks({"loss_fake": torch.tensor(1.0 + ctx.rank), "loss_gen": 2.0 * ctx.rank})
+    assert m == {"loss_fake": 1.5, "loss_gen": 1.0}, m
+    total = collectives.sum_over_ranks(torch.tensor(ctx.rank + 1))
+    assert isinstance(total, torch.Tensor) and int(total) == 3
     open(f"{sys.argv[2]}/collectives-{ctx.rank}", "w").close()
 
     # ---- FSDP2: 2 sharded ranks == 1 unsharded process, checkpoint round trip ----
-    from sidflow.commands.distill import resolve_config
-    from sidflow.data import PromptSource
-    from sidflow.pipeline_runner import load_run_teacher
+    from sidflow.cli.distill import resolve_config
+    from sidflow.data.prompts import PromptSource
+    from sidflow.run.build import load_run_teacher
     from sidflow.trainer import SiDTrainer
 
     cfg = resolve_config("sd3-medium-4step", [f"teacher.path={sys.argv[1]}", "teacher.time_scale=1000",
@@ -145,7 +153,7 @@ def test_collectives_and_fsdp2_on_two_gloo_ranks(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
     _torchrun([str(script), str(teacher), str(tmp_path)])
-    for name in ("collectives-0", "collectives-1", "fsdp-0", "fsdp-1"):   # each rank got to its end
+    for name in ("collectives-0", "collectives-1", "fsdp-0", "fsdp-1"):  # each rank got to its end
         assert (tmp_path / name).exists(), name
 
 
@@ -158,8 +166,7 @@ def test_init_from_env_single_process_and_errors():
     with pytest.raises(ConfigError, match="MASTER_ADDR"):
         init_from_env({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
     with pytest.raises(ConfigError, match="outside"):
-        init_from_env({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "x",
-                       "MASTER_PORT": "1"})
+        init_from_env({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "x", "MASTER_PORT": "1"})
 
 
 def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
@@ -178,15 +185,30 @@ def one_process_run(tmp_path_factory) -> tuple[Path, list[str]]:
     teacher = tiny_pipeline("sd3", tmp_path / "pipes")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\na blue ball\na green cone\n")
-    common = [f"teacher.path={teacher}", "teacher.time_scale=1000", "teacher.gradient_checkpointing=off",
-              f"data.prompts={prompts}", "data.resolution=32", "train.batch=4", "train.batch_gpu=1",
-              "train.total_kimg=none", "train.max_steps=3", "train.ckpt_every=2", "train.log_every=1",
-              "eval.kind=none", "eval.grid_size=2", "eval.teacher_grid_steps=1", "eval.student_steps=1",
-              "guidance.kappa1=2", "train.ema_halflife_kimg=0.01", "optim.lr=1e-3", "optim.glr=1e-3",
-              f"data.cache_dir={tmp_path / 'cache'}"]  # the 2-rank runs read the cache this run wrote
+    common = [
+        f"teacher.path={teacher}",
+        "teacher.time_scale=1000",
+        "teacher.gradient_checkpointing=off",
+        f"data.prompts={prompts}",
+        "data.resolution=32",
+        "train.batch=4",
+        "train.batch_gpu=1",
+        "train.total_kimg=none",
+        "train.max_steps=3",
+        "train.ckpt_every=2",
+        "train.log_every=1",
+        "eval.kind=none",
+        "eval.grid_size=2",
+        "eval.teacher_grid_steps=1",
+        "eval.student_steps=1",
+        "guidance.kappa1=2",
+        "train.ema_halflife_kimg=0.01",
+        "optim.lr=1e-3",
+        "optim.glr=1e-3",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]  # the 2-rank runs read the cache this run wrote
     one = tmp_path / "one"
-    subprocess.run([sys.executable, *_distill(one, common)], env=_env(), check=True, capture_output=True,
-                   timeout=300)
+    subprocess.run([sys.executable, *_distill(one, common)], env=_env(), check=True, capture_output=True, timeout=300)
     return one, common
 
 
@@ -201,14 +223,14 @@ def test_two_ranks_resume_a_one_process_run_and_match_it(one_process_run, tmp_pa
     rows1 = [json.loads(r) for r in (one / "log.jsonl").read_text().splitlines()]
     (two / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows1[:2]))
     out = _torchrun(_distill(two, [*common, f"train.sharding={sharding}"]))
-    assert out.stdout.count("resumed from") == 1   # printed by rank 0; every rank loads it
+    assert out.stdout.count("resumed from") == 1  # printed by rank 0; every rank loads it
     assert out.stdout.count("networks sharded over 2 ranks") == (sharding == "fsdp2")
 
     metrics = json.loads((two / "metrics.json").read_text())
     assert metrics["iterations"] == 3 and metrics["world_size"] == 2 and metrics["sharding"] == sharding
     ours, ref, start = _weights(two, 3), _weights(one, 3), _weights(one, 2)
     assert set(ours) == set(ref) and any(k.startswith("ema/") for k in ref)
-    assert any(not torch.equal(start[k], v) for k, v in ref.items())   # the step moved the weights
+    assert any(not torch.equal(start[k], v) for k, v in ref.items())  # the step moved the weights
     for key, value in ref.items():
         torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-6, msg=key)
     rows2 = [json.loads(r) for r in (two / "log.jsonl").read_text().splitlines()]
@@ -223,12 +245,12 @@ def test_two_ranks_resume_a_one_process_run_and_match_it(one_process_run, tmp_pa
     ema = {k.removeprefix("ema/transformer."): v for k, v in ours.items() if k.startswith("ema/transformer.")}
     assert ema and set(ema) <= set(exported)
     assert all(torch.equal(exported[k], v) for k, v in ema.items())
-    assert not all(torch.equal(exported[k], start["ema/transformer." + k]) for k in ema)   # not stale
+    assert not all(torch.equal(exported[k], start["ema/transformer." + k]) for k in ema)  # not stale
 
 
 def test_fsdp2_setting_and_its_single_process_fallback(capsys):
     from sidflow.config import SiDConfig, TrainConfig, apply_overrides
-    from sidflow.pipeline_runner import use_fsdp2
+    from sidflow.run.build import use_fsdp2
 
     fsdp2 = apply_overrides(SiDConfig(), ["train.sharding=fsdp2"])
     assert fsdp2.train == TrainConfig(sharding="fsdp2") and SiDConfig().train.sharding == "none"
@@ -236,5 +258,5 @@ def test_fsdp2_setting_and_its_single_process_fallback(capsys):
         apply_overrides(SiDConfig(), ["train.sharding=ddp"])
     assert use_fsdp2(fsdp2, world_size=2) and not use_fsdp2(SiDConfig(), world_size=2)
     assert capsys.readouterr().out == ""
-    assert not use_fsdp2(fsdp2, world_size=1)   # one process: unsharded, with a note
+    assert not use_fsdp2(fsdp2, world_size=1)  # one process: unsharded, with a note
     assert "one process runs unsharded" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""sidflow.flow and sidflow.paths: conventions and conversions against hand-written closed forms."""
+"""sidflow.core.flow and sidflow.core.paths: conventions and conversions against hand-written closed forms."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from sidflow import flow, paths
-from sidflow.denoiser import Cond
+from sidflow.core import flow, paths
+from sidflow.core.denoiser import Cond
 
 
 @pytest.fixture(autouse=True)
@@ -71,12 +71,14 @@ def test_sample_t_logit_normal_and_uniform():
         flow.sample_t(3, kind="normal")
 
 
-def test_sample_t_keyed_is_per_sample():
-    full = flow.sample_t(6, seed=3, iteration=7, stream="t", indices=range(6))
-    part = flow.sample_t(2, seed=3, iteration=7, stream="t", indices=[4, 5])
-    assert torch.equal(full[4:], part)
-    other = flow.sample_t(2, seed=3, iteration=8, stream="t", indices=[4, 5])
-    assert not torch.equal(other, part)
+def test_t_from_variate_closed_forms():
+    u = torch.tensor([-1.0, 0.0, 0.5], dtype=torch.float64)
+    expected = 1 / (1 + torch.exp(-(math.log(2.0) + 1.6 * u)))
+    torch.testing.assert_close(flow.t_from_variate(u), expected, rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        flow.t_from_variate(torch.tensor([0.0, 0.5, 1.0]), kind="uniform", t_min=0.2, t_max=0.6),
+        torch.tensor([0.2, 0.4, 0.6]),
+    )
 
 
 # ---- unified Gaussian-path view -------------------------------------------------------------
@@ -103,8 +105,9 @@ class _ExactDiffusionModel(torch.nn.Module):
         return {"eps": eps, "x0": x0, "v": ab * eps - bb * x0}[self.prediction]
 
 
-@pytest.mark.parametrize("path", [paths.TrigFlowPath(), paths.VEPath(), paths.VPPath.scaled_linear()],
-                         ids=["trigflow", "ve", "vp"])
+@pytest.mark.parametrize(
+    "path", [paths.TrigFlowPath(), paths.VEPath(), paths.VPPath.scaled_linear()], ids=["trigflow", "ve", "vp"]
+)
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
 def test_diffusion_denoiser_matches_exact_rf_velocity(path, prediction):
     t = torch.tensor([0.05, 0.3, 0.5, 0.8, 0.95])

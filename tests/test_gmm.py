@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from sidflow.config import apply_overrides, get_preset
-from sidflow.denoiser import Cond
+from sidflow.config import apply_overrides
+from sidflow.core.denoiser import Cond
+from sidflow.run.presets import get_preset
 from sidflow.toy import GaussianMixture, GMMDenoiser, energy_distance, make_mixture
 
 
@@ -29,8 +30,11 @@ def test_exact_denoiser_matches_quadrature():
         for x_t, t in ((0.3, 0.2), (-1.0, 0.5), (2.5, 0.9)):
             like = torch.exp(-((x_t - (1 - t) * grid) ** 2) / (2 * t**2))
             expected = float((grid * prior * like).sum() / (prior * like).sum())
-            got = den.x0(torch.tensor([[x_t]], dtype=torch.float64), torch.tensor([t], dtype=torch.float64),
-                         torch.tensor([label]))
+            got = den.x0(
+                torch.tensor([[x_t]], dtype=torch.float64),
+                torch.tensor([t], dtype=torch.float64),
+                torch.tensor([label]),
+            )
             assert float(got) == pytest.approx(expected, abs=1e-6)
 
 

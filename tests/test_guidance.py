@@ -1,4 +1,4 @@
-"""sidflow.guidance: CFG combination, one batched pass, embedded guidance kept apart."""
+"""sidflow.core.guidance: CFG combination, one batched pass, embedded guidance kept apart."""
 
 from __future__ import annotations
 
@@ -6,8 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from sidflow.denoiser import Cond
-from sidflow.guidance import cfg, guided_velocity, guided_x0, with_embedded_guidance
+from sidflow.core.denoiser import Cond
+from sidflow.core.guidance import (
+    cfg,
+    guided_velocity,
+    guided_velocity_and_features,
+    guided_x0,
+    with_embedded_guidance,
+)
 
 
 class ClassVelocity(nn.Module):
@@ -17,10 +23,13 @@ class ClassVelocity(nn.Module):
         super().__init__()
         self.batches = []
 
-    def velocity(self, x_t, t, cond, *, features=False):
+    def velocity(self, x_t, t, cond):
+        return self.velocity_and_features(x_t, t, cond)[0]
+
+    def velocity_and_features(self, x_t, t, cond):
         self.batches.append(x_t.shape[0])
         v = x_t * (1 + cond["label"].view(-1, 1)) + t.view(-1, 1)
-        return (v, v[:, :1] * 10) if features else v
+        return v, v[:, :1] * 10
 
 
 def _setup():
@@ -48,7 +57,8 @@ def test_guided_velocity_one_pass(scale):
 
 def test_features_from_conditional_half_and_x0():
     x, t, cond, uncond = _setup()
-    v, feats = guided_velocity(ClassVelocity(), x, t, cond, uncond, 2.0, features=True)
+    v, feats = guided_velocity_and_features(ClassVelocity(), x, t, cond, uncond, 2.0)
+    assert torch.equal(v, guided_velocity(ClassVelocity(), x, t, cond, uncond, 2.0))
     v_c = x * (1 + cond["label"].view(-1, 1)) + t.view(-1, 1)
     assert torch.allclose(feats, v_c[:, :1] * 10)
     y = guided_x0(ClassVelocity(), x, t, cond, uncond, 2.0)

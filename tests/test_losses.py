@@ -1,4 +1,4 @@
-"""sidflow.losses against hand-derived values, and the SiD gradient with linear denoisers."""
+"""sidflow.core.losses against hand-derived values, and the SiD gradient with linear denoisers."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from sidflow import losses
-from sidflow.flow import add_noise
+from sidflow.core import losses
+from sidflow.core.flow import add_noise
 
 D64 = torch.float64
 
@@ -95,8 +95,10 @@ def test_finite_mask_and_masked_sum_count():
 # ---- SiD gradient with linear denoisers x0 = A x_t + b --------------------------------------------
 def _linear_setup(seed=0, n=3, d=4):
     g = torch.Generator().manual_seed(seed)
+
     def r(*s):
         return torch.randn(*s, generator=g, dtype=D64)
+
     A_T, b_T, A_F, b_F = r(d, d) * 0.5, r(d), r(d, d) * 0.5, r(d)
     x_g = r(n, d).requires_grad_(True)
     eps, t = r(n, d), torch.tensor([0.2, 0.5, 0.9], dtype=D64)
@@ -124,9 +126,9 @@ def _hand_grad(alpha=1.0):
         x_t = s * x_g[i] + float(t[i]) * eps[i]
         y_r, y_f = A_T @ x_t + b_T, A_F @ x_t + b_F
         d, e = y_r - y_f, (y_r - x_g[i]) - alpha * (y_r - y_f)
-        J_d = s * (A_T - A_F)                                # Jacobian of d wrt x_g
+        J_d = s * (A_T - A_F)  # Jacobian of d wrt x_g
         J_e = s * A_T - torch.eye(4, dtype=D64) - alpha * J_d  # Jacobian of e wrt x_g
-        grads.append(s * (J_d.T @ e + J_e.T @ d))             # weight w = 1 - t
+        grads.append(s * (J_d.T @ e + J_e.T @ d))  # weight w = 1 - t
     return torch.stack(grads)
 
 

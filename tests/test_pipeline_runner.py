@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from sidflow import cli
-from sidflow.commands import distill
-from sidflow.pipeline_runner import load_run_generator, sample_run
+from sidflow.cli import distill
+from sidflow.run.artifacts import load_run_generator, sample_run
 from sidflow.testing import tiny_pipeline
 
 pytestmark = pytest.mark.slow
@@ -20,11 +20,25 @@ def test_short_pipeline_run_writes_a_complete_run_folder(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\na blue ball\n\na green cone\n")
     run = tmp_path / "run"
-    args = ["--preset", "sd3-medium-4step", "--run-dir", str(run), f"teacher.path={teacher}",
-                       "teacher.time_scale=1000", "teacher.gradient_checkpointing=off",
-                       f"data.prompts={prompts}", "data.resolution=32", "train.batch=4", "train.batch_gpu=2",
-                       "train.total_kimg=none", "train.max_steps=3", "train.ckpt_every=2", "eval.grid_size=3",
-                       "guidance.kappa1=2", "train.ema_halflife_kimg=0.01"]
+    args = [
+        "--preset",
+        "sd3-medium-4step",
+        "--run-dir",
+        str(run),
+        f"teacher.path={teacher}",
+        "teacher.time_scale=1000",
+        "teacher.gradient_checkpointing=off",
+        f"data.prompts={prompts}",
+        "data.resolution=32",
+        "train.batch=4",
+        "train.batch_gpu=2",
+        "train.total_kimg=none",
+        "train.max_steps=3",
+        "train.ckpt_every=2",
+        "eval.grid_size=3",
+        "guidance.kappa1=2",
+        "train.ema_halflife_kimg=0.01",
+    ]
     assert distill.main(args) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["iterations"] == 3 and metrics["images_seen"] == 12
@@ -42,8 +56,16 @@ def test_short_pipeline_run_writes_a_complete_run_folder(tmp_path):
     pipe = StableDiffusion3Pipeline.from_pretrained(run / "generator_pipeline")
     z = torch.randn(1, *shape, generator=torch.Generator().manual_seed(1))
     ours = generator.velocity(z, torch.ones(1), adapter.encode_prompts(["a red cube"]))
-    stock = pipe("a red cube", sigmas=[1.0], guidance_scale=1.0, latents=z, height=32, width=32,
-                 output_type="latent", max_sequence_length=adapter.max_sequence_length).images
+    stock = pipe(
+        "a red cube",
+        sigmas=[1.0],
+        guidance_scale=1.0,
+        latents=z,
+        height=32,
+        width=32,
+        output_type="latent",
+        max_sequence_length=adapter.max_sequence_length,
+    ).images
     torch.testing.assert_close(stock, z - ours, rtol=1e-4, atol=1e-4)
 
     images = sample_run(run, ["a red cube", "a blue ball"], steps=2)

@@ -25,4 +25,3 @@ def test_readme_main_command_installs_and_distills():
     main_cmds = [c for c in _readme_commands() if "sidflow distill" in c]
     assert main_cmds, "README must show the main command"
     assert "pip install" in main_cmds[0] and "constraints" in main_cmds[0]
-

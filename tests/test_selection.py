@@ -8,15 +8,20 @@ import pytest
 import torch
 from torch import nn
 
-from sidflow.checkpoint import is_checkpoint
 from sidflow.config import EvalConfig
 from sidflow.errors import ConfigError
-from sidflow.selection import SELECTED, SnapshotSelector, snapshot_path, validation_score
+from sidflow.run.checkpoint import is_checkpoint
+from sidflow.run.selection import SELECTED, SnapshotSelector, snapshot_path, validation_score
 
 
 def _row(images_seen: int, v1: float, v4: float, held_out: float = 50.0) -> dict:
-    return {"images_seen": images_seen, "val_fid_1step": v1, "val_fid_4step": v4,
-            "fid_1step": held_out, "fid_4step": held_out}
+    return {
+        "images_seen": images_seen,
+        "val_fid_1step": v1,
+        "val_fid_4step": v4,
+        "fid_1step": held_out,
+        "fid_4step": held_out,
+    }
 
 
 def test_validation_score_is_the_mean_log_over_step_counts():
@@ -65,7 +70,7 @@ def test_validation_selection_needs_an_evaluation():
 def test_per_steps_selection_keeps_one_snapshot_per_step_count(tmp_path):
     sel = SnapshotSelector(tmp_path, (1, 4), per_steps=True)
     assert sel.offer(_row(100, 40.0, 20.0), _net(1.0)) == [(1,), (4,)]
-    assert sel.offer(_row(200, 30.0, 25.0), _net(2.0)) == [(1,)]   # better 1-step, worse 4-step
+    assert sel.offer(_row(200, 30.0, 25.0), _net(2.0)) == [(1,)]  # better 1-step, worse 4-step
     assert sel.offer(_row(300, 35.0, 15.0), _net(3.0)) == [(4,)]
     assert sel.offer(_row(400, 31.0, 16.0), _net(4.0)) == []
     assert sel.row_for(1)["images_seen"] == 200 and sel.row_for(4)["images_seen"] == 300
@@ -88,19 +93,23 @@ def test_snapshot_path_without_selection_is_none(tmp_path):
 
 
 def test_per_steps_reporting_falls_back_to_the_final_weights_where_nothing_was_kept(tmp_path):
-    from sidflow.pipeline_runner import _reported_row, _selected_generators, _selected_info
+    from sidflow.run.selection import reported_row, selected_generators, selected_info
 
     sel = SnapshotSelector(tmp_path, (4, 1), per_steps=True)  # any order
     nan4 = {**_row(100, 30.0, float("nan")), "fid_1step": 40.0, "fid_4step": 20.0}
     assert sel.offer(nan4, _net(1.0)) == [(1,)]
     final, final_gen = {**_row(200, 35.0, float("nan")), "fid_1step": 45.0, "fid_4step": 21.0}, _net(2.0)
     assert sel.offer(final, final_gen) == [] and sel.kept and sel.row_for(4) is None
-    gens = _selected_generators(sel, final, final_gen, (4, 1))
+    gens = selected_generators(sel, final, final_gen, (4, 1))
     assert gens[4] is final_gen and torch.equal(next(gens[1].parameters()), torch.full((2, 3), 1.0))
-    row = _reported_row(sel, final, (4, 1))
-    assert (row["fid_1step"], row["images_seen_1step"], row["fid_4step"], row["images_seen_4step"]) == (40.0, 100,
-                                                                                                      21.0, 200)
-    info = _selected_info(sel, tmp_path, (4, 1))
+    row = reported_row(sel, final, (4, 1))
+    assert (row["fid_1step"], row["images_seen_1step"], row["fid_4step"], row["images_seen_4step"]) == (
+        40.0,
+        100,
+        21.0,
+        200,
+    )
+    info = selected_info(sel, tmp_path, (4, 1))
     assert info["by_steps"] == {"1": {"images_seen": 100, "path": "selected/1step"}}
     assert info["path"] == "selected/1step"
     assert sel.offer(_row(300, 40.0, 9.0), _net(3.0)) == [(4,)]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
+from helpers import generator_gradients  # noqa: I001  (tests/ on the path)
 from torch import nn
 
 from sidflow.config import (
@@ -17,10 +19,10 @@ from sidflow.config import (
     SiDConfig,
     TrainConfig,
 )
-from sidflow.denoiser import Cond
+from sidflow.core.denoiser import Cond
 from sidflow.errors import ConfigError, NonFiniteError
 from sidflow.toy import GMMCondSource, GMMDenoiser, MLPDenoiser, make_mixture
-from sidflow.trainer import SiDTrainer, lr_factor
+from sidflow.trainer import SiDTrainer, ema_beta, lr_factor
 
 D64 = torch.float64
 DIM = 3
@@ -38,7 +40,7 @@ class LinearX0(nn.Module):
     def x0(self, x_t, labels):
         return torch.einsum("bij,bj->bi", self.A[labels], x_t) + self.b[labels]
 
-    def velocity(self, x_t, t, cond, *, features=False):
+    def velocity(self, x_t, t, cond):
         return (x_t - self.x0(x_t, cond["label"])) / t.view(-1, 1)
 
 
@@ -49,7 +51,7 @@ class ConstGenerator(nn.Module):
         super().__init__()
         self.P = nn.Parameter(torch.tensor([0.3, -1.2, 0.7], dtype=D64))
 
-    def velocity(self, x_t, t, cond, *, features=False):
+    def velocity(self, x_t, t, cond):
         return (x_t - self.P) / t.view(-1, 1)
 
 
@@ -64,9 +66,12 @@ class OnesSource:
 
 
 def _config(batch=4, batch_gpu=2, k2=2.0, k3=None, k4=3.0, alpha=1.0, alpha_k=None, **train):
-    return SiDConfig(generator=GeneratorConfig(num_steps=1), loss=LossConfig(alpha=alpha, alpha_k=alpha_k),
-                     guidance=GuidanceConfig(kappa1=1.5, kappa2=k2, kappa3=k3, kappa4=k4),
-                     train=TrainConfig(batch=batch, batch_gpu=batch_gpu, seed=7, **train))
+    return SiDConfig(
+        generator=GeneratorConfig(num_steps=1),
+        loss=LossConfig(alpha=alpha, alpha_k=alpha_k),
+        guidance=GuidanceConfig(kappa1=1.5, kappa2=k2, kappa3=k3, kappa4=k4),
+        train=TrainConfig(batch=batch, batch_gpu=batch_gpu, seed=7, **train),
+    )
 
 
 def _guided_A(net, kappa):
@@ -75,14 +80,15 @@ def _guided_A(net, kappa):
     return A[0] + kappa * (A[1] - A[0]), b[0] + kappa * (b[1] - b[0])
 
 
-@pytest.mark.parametrize("k3,alpha,by_k", [(None, 1.0, False), (1.0, 1.0, False), (None, 1.2, False),
-                                            (None, 1.2, True)])
+@pytest.mark.parametrize(
+    "k3,alpha,by_k", [(None, 1.0, False), (1.0, 1.0, False), (None, 1.2, False), (None, 1.2, True)]
+)
 def test_generator_gradient_matches_hand_formula(k3, alpha, by_k):
     teacher, fake, gen = LinearX0(1), LinearX0(2), ConstGenerator()
     # by_k: the alpha of k = 1 comes from loss.alpha_k, overriding a different loss.alpha
     cfg = _config(k3=k3, alpha=5.0, alpha_k=(alpha,)) if by_k else _config(k3=k3, alpha=alpha)
-    tr = SiDTrainer(teacher, fake, gen, OnesSource(), (DIM,), cfg, dtype=D64)
-    tr.generator_phase(0, step=False)
+    tr = SiDTrainer(teacher, fake, gen, OnesSource(), (DIM,), cfg)
+    generator_gradients(tr, 0)
     A_T, b_T = _guided_A(teacher, 3.0)
     A_F, b_F = _guided_A(fake, 2.0)
     A_F3, b_F3 = _guided_A(fake, cfg.guidance.kappa3_value)
@@ -107,13 +113,13 @@ def test_detached_prediction_would_fail_the_gradient_check(monkeypatch):
     import sidflow.trainer as trainer_mod
 
     teacher, fake, gen = LinearX0(1), LinearX0(2), ConstGenerator()
-    tr = SiDTrainer(teacher, fake, gen, OnesSource(), (DIM,), _config(), dtype=D64)
-    tr.generator_phase(0, step=False)
+    tr = SiDTrainer(teacher, fake, gen, OnesSource(), (DIM,), _config())
+    generator_gradients(tr, 0)
     good = gen.P.grad.clone()
     orig = trainer_mod.guided_x0
     monkeypatch.setattr(trainer_mod, "guided_x0", lambda *a, **k: orig(*a, **k).detach())
     gen.P.grad = None
-    tr.generator_phase(0, step=False)
+    generator_gradients(tr, 0)
     assert (gen.P.grad - good).abs().max() > 1e-3
 
 
@@ -121,13 +127,24 @@ def _mlp_trainer(batch_gpu, *, rank=0, world_size=1, num_steps=3, real_source=No
     torch.manual_seed(0)
     mix = make_mixture("2d")
     mlp = MLPDenoiser((2,), 4, hidden=16, depth=2).double()
-    sections = dict(generator=GeneratorConfig(num_steps=num_steps),
-                    guidance=GuidanceConfig(kappa1=2.0, kappa2=2.0, kappa4=2.5),
-                    optim=OptimConfig(lr=1e-3, glr=1e-3),
-                    train=TrainConfig(batch=8, batch_gpu=batch_gpu, seed=3))
+    sections = dict(
+        generator=GeneratorConfig(num_steps=num_steps),
+        guidance=GuidanceConfig(kappa1=2.0, kappa2=2.0, kappa4=2.5),
+        optim=OptimConfig(lr=1e-3, glr=1e-3),
+        train=TrainConfig(batch=8, batch_gpu=batch_gpu, seed=3),
+    )
     cfg = SiDConfig(**{**sections, **overrides})
-    return SiDTrainer(GMMDenoiser(mix), copy.deepcopy(mlp), copy.deepcopy(mlp), GMMCondSource(4), (2,), cfg,
-                      rank=rank, world_size=world_size, dtype=D64, real_source=real_source)
+    return SiDTrainer(
+        GMMDenoiser(mix),
+        copy.deepcopy(mlp),
+        copy.deepcopy(mlp),
+        GMMCondSource(4),
+        (2,),
+        cfg,
+        rank=rank,
+        world_size=world_size,
+        real_source=real_source,
+    )
 
 
 def test_accumulation_rounds_equal_one_big_round():
@@ -135,11 +152,11 @@ def test_accumulation_rounds_equal_one_big_round():
     assert (small.rounds, big.rounds) == (4, 1)
     for it in range(2):  # k differs per iteration; both phases, then the generator grads
         ms, mb = small.fake_phase(it), big.fake_phase(it)
-        assert ms["loss_fake"] == pytest.approx(mb["loss_fake"], rel=1e-12)
+        assert float(ms["loss_fake"]) == pytest.approx(float(mb["loss_fake"]), rel=1e-12)
         for ps, pb in zip(small.fake.parameters(), big.fake.parameters(), strict=True):
             assert torch.allclose(ps, pb, atol=1e-12)
-        small.generator_phase(it, step=False)
-        big.generator_phase(it, step=False)
+        generator_gradients(small, it)
+        generator_gradients(big, it)
         for ps, pb in zip(small.generator.parameters(), big.generator.parameters(), strict=True):
             assert torch.allclose(ps.grad, pb.grad, atol=1e-11, rtol=1e-9)
 
@@ -167,8 +184,9 @@ def test_k_is_uniform_by_default_and_follows_k_weights():
     ks = torch.tensor([weighted.k_for(i) for i in range(4000)])
     assert set(ks.tolist()) == {1, 3}
     assert abs((ks == 1).float().mean().item() - 0.75) < 0.03
-    rank1 = _mlp_trainer(2, num_steps=4, rank=1, world_size=2,
-                         generator=GeneratorConfig(num_steps=4, k_weights=(3, 0, 1, 0)))
+    rank1 = _mlp_trainer(
+        2, num_steps=4, rank=1, world_size=2, generator=GeneratorConfig(num_steps=4, k_weights=(3, 0, 1, 0))
+    )
     assert [rank1.k_for(i) for i in range(50)] == ks[:50].tolist()  # same k on every rank
 
 
@@ -180,8 +198,12 @@ def test_k_odds_move_linearly_to_k_weights_end():
     assert GeneratorConfig(num_steps=2, k_weights_end=(1, 0)).k_odds(0.5) == pytest.approx((0.75, 0.25))
     assert GeneratorConfig(num_steps=2, k_weights=(3, 1)).k_odds(0.9) == (3, 1)  # fixed odds, as given
     # in a run: k = 1 only at the start, k = 2 only at the end (100 iterations)
-    tr = _mlp_trainer(2, num_steps=2, train=TrainConfig(batch=8, batch_gpu=2, seed=3, max_steps=100),
-                      generator=GeneratorConfig(num_steps=2, k_weights=(1, 0), k_weights_end=(0, 1)))
+    tr = _mlp_trainer(
+        2,
+        num_steps=2,
+        train=TrainConfig(batch=8, batch_gpu=2, seed=3, max_steps=100),
+        generator=GeneratorConfig(num_steps=2, k_weights=(1, 0), k_weights_end=(0, 1)),
+    )
     ks = torch.tensor([tr.k_for(i) for i in range(100)])
     assert tr.k_for(0) == 1 and tr.k_for(99) == 2
     assert (ks[:25] == 1).float().mean() > 0.6 and (ks[75:] == 2).float().mean() > 0.6
@@ -207,9 +229,9 @@ def test_step_metrics_requires_grad_and_frozen_teacher():
     tr = _mlp_trainer(4)
     teacher_before = [p.clone() for p in tr.teacher.parameters()]
     m = tr.step()
-    assert {"loss_fake", "loss_gen", "k", "nonfinite_fake", "nonfinite_gen", "images_per_s"} <= set(m)
+    assert {"loss_fake", "loss_gen", "k", "nonfinite_fake", "nonfinite_gen", "images_seen"} <= set(m)
     assert tr.iteration == 1 and tr.images_seen == 8
-    tr.generator_phase(1, step=False)
+    generator_gradients(tr, 1)
     assert all(p.grad is None for p in tr.fake.parameters())
     assert all(p.grad is not None for p in tr.generator.parameters())
     assert all(torch.equal(a, b) for a, b in zip(teacher_before, tr.teacher.parameters(), strict=True))
@@ -222,7 +244,7 @@ class NaNOnLabel(nn.Module):
         super().__init__()
         self.inner, self.label = inner, label
 
-    def velocity(self, x_t, t, cond, *, features=False):
+    def velocity(self, x_t, t, cond):
         v = self.inner.velocity(x_t, t, cond)
         bad = (cond["label"] == self.label).view(-1, 1)
         return torch.where(bad, torch.full_like(v, float("nan")), v)
@@ -264,20 +286,54 @@ def test_sida_warmup_then_mixed_loss_runs():
     tr = _mlp_trainer(8, gan=gan, real_source=RealGMM(make_mixture("2d")))
     before = [p.clone() for p in tr.generator.parameters()]
     m0 = tr.step()  # images_seen 0 <= 8: warm-up, generator untouched
-    assert m0["gen_updated"] == 0 and all(torch.equal(a, b) for a, b in zip(before, tr.generator.parameters(),
-                                                                              strict=True))
+    assert m0["gen_updated"] == 0 and all(
+        torch.equal(a, b) for a, b in zip(before, tr.generator.parameters(), strict=True)
+    )
     tr.step()
     m2 = tr.step()  # images_seen 16 > mix: 0.5 SiD + 0.5 adversarial
     assert m2["gen_updated"] == 1 and torch.isfinite(torch.tensor([m2["loss_gen"], m2["loss_fake"]])).all()
 
 
-def test_ema_tracks_generator():
-    tr = _mlp_trainer(8, train=TrainConfig(batch=8, batch_gpu=8, seed=3, ema_halflife_kimg=0.008))
-    tr.step()
-    beta = 0.5  # half-life of exactly one batch
-    name, p = next(iter(tr.generator.named_parameters()))
-    assert tr.ema[name].shape == p.shape and not torch.equal(tr.ema[name], p.detach())
-    assert beta == 0.5 ** (8 / 8)
+def test_sida_adversarial_term_reaches_the_generator():
+    """In the mixed phase the generator's gradient is (1 - mix) SiD + mix adversarial, and the
+    adversarial part, computed alone, is a non-zero gradient through the fake score's features."""
+    gan = GANConfig(mode="sida", warmup_kimg=0.0, mix_kimg=0.0, mix=0.5)
+    real = RealGMM(make_mixture("2d"))
+
+    def grads(trainer, gan_phase):
+        trainer.opt_gen.zero_grad(set_to_none=True)
+        d = trainer.draw("gen", 1, 0)
+        per_sample, mask = trainer.generator_loss(d, 2, gan_phase)
+        (per_sample[mask].sum() / trainer.batch_rank).backward()
+        return torch.cat([p.grad.flatten() for p in trainer.gen_params])
+
+    tr = _mlp_trainer(8, gan=gan, real_source=real)
+    tr.images_seen = 8  # past the warm-up and the mix threshold
+    assert tr._gan_phase() == "mix"
+    mixed, sid = grads(tr, "mix"), grads(tr, "sid")
+    adversarial = (mixed - 0.5 * sid) / 0.5
+    assert adversarial.abs().max() > 1e-6  # the adversarial term moves the generator
+    only_adv = _mlp_trainer(8, gan=dataclasses.replace(gan, mix=1.0), real_source=real)
+    only_adv.images_seen = 8
+    torch.testing.assert_close(grads(only_adv, "mix"), adversarial, rtol=1e-9, atol=1e-12)
+
+
+def test_ema_matches_its_closed_form():
+    """EMA after n steps with per-step decay beta: beta^n theta_0 + sum_i (1 - beta) beta^(n-i) theta_i."""
+    tr = _mlp_trainer(8, train=TrainConfig(batch=8, batch_gpu=8, seed=3, ema_halflife_kimg=0.016))
+    beta = 0.5**0.5  # a half-life of two batches of 8
+    assert ema_beta(8, 0.016) == pytest.approx(beta, rel=1e-15)
+    thetas = [{n: p.detach().clone() for n, p in tr.generator.named_parameters()}]
+    for _ in range(3):
+        tr.step()
+        thetas.append({n: p.detach().clone() for n, p in tr.generator.named_parameters()})
+    n = len(thetas) - 1
+    for name in thetas[0]:
+        expected = beta**n * thetas[0][name] + sum(
+            (1 - beta) * beta ** (n - i) * thetas[i][name] for i in range(1, n + 1)
+        )
+        torch.testing.assert_close(tr.ema[name], expected, rtol=0, atol=1e-12)
+        assert not torch.equal(tr.ema[name], thetas[-1][name])  # it lags the weights
 
 
 def test_lr_factor_is_flat_then_linear_to_the_floor():
@@ -289,8 +345,11 @@ def test_lr_factor_is_flat_then_linear_to_the_floor():
 
 
 def test_decay_tail_sets_both_learning_rates_from_the_iteration():
-    tr = _mlp_trainer(8, optim=OptimConfig(lr=1e-3, glr=2e-3, decay_frac=0.5, decay_min=0.1),
-                      train=TrainConfig(batch=8, batch_gpu=8, seed=3, max_steps=4))
+    tr = _mlp_trainer(
+        8,
+        optim=OptimConfig(lr=1e-3, glr=2e-3, decay_frac=0.5, decay_min=0.1),
+        train=TrainConfig(batch=8, batch_gpu=8, seed=3, max_steps=4),
+    )
     lrs = []
     for _ in range(4):
         metrics = tr.step()
@@ -339,14 +398,16 @@ def _nonfinite_worker(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
     outcome = {}
-    for frac in (0.5, 0.4):   # limit 0.5 * 8 = 4 samples: 4 bad pass; 0.4 * 8 = 3.2: 4 bad abort
-        tr = _mlp_trainer(4, rank=rank, world_size=world,
-                          train=TrainConfig(batch=8, batch_gpu=2, seed=3, max_nonfinite_frac=frac))
+    for frac in (0.5, 0.4):  # limit 0.5 * 8 = 4 samples: 4 bad pass; 0.4 * 8 = 3.2: 4 bad abort
+        tr = _mlp_trainer(
+            4, rank=rank, world_size=world, train=TrainConfig(batch=8, batch_gpu=2, seed=3, max_nonfinite_frac=frac)
+        )
         if rank == 0:
-            tr.teacher = NaNOnLabel(tr.teacher, label=4)   # GMMCondSource(4).uncond is label 4
+            tr.teacher = NaNOnLabel(tr.teacher, label=4)  # GMMCondSource(4).uncond is label 4
         try:
             m = tr.generator_phase(0)
             outcome[str(frac)] = [m["nonfinite_gen"], tr.nonfinite_total["gen"]]
@@ -367,7 +428,37 @@ def test_nonfinite_limit_is_job_wide_so_all_ranks_abort_together(tmp_path):
 
     mp.spawn(_nonfinite_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     got = [json.loads((tmp_path / f"nonfinite{rank}.json").read_text()) for rank in range(2)]
-    # per-step metric: this rank's count (reduce_metrics sums it); running total: the job's
-    assert [g["0.5"] for g in got] == [[4, 4], [0, 4]]
+    # the phase's metric and the running total are both the job's count (read once, summed over ranks)
+    assert [g["0.5"] for g in got] == [[4, 4], [4, 4]]
     for g in got:
         assert g["0.4"].startswith("4/8 non-finite samples in the gen phase"), g
+
+
+class TrigFlowGMM(nn.Module):
+    """The exact mixture teacher as a TrigFlow v-prediction model: ``x_s = cos s x0 + sin s eps``,
+    output ``v = cos s eps - sin s x0`` (what a TrigFlow network such as SANA-Sprint's predicts)."""
+
+    def __init__(self, mixture):
+        super().__init__()
+        self.rf = GMMDenoiser(mixture)
+
+    def forward(self, x_s, s, cond):
+        a, b = torch.cos(s).view(-1, 1), torch.sin(s).view(-1, 1)
+        x0 = self.rf.x0(x_s / (a + b), (b / (a + b)).view(-1), cond["label"])
+        eps = (x_s - a * x0) / b
+        return a * eps - b * x0
+
+
+def test_a_trigflow_teacher_distils_exactly_like_its_rectified_flow_form():
+    """sidflow.core.paths as a teacher adapter: the same mixture seen as a TrigFlow v-model through
+    DiffusionDenoiser gives the generator the gradients of the rectified-flow teacher."""
+    from sidflow.core.paths import DiffusionDenoiser, TrigFlowPath
+
+    rf, trig = _mlp_trainer(4), _mlp_trainer(4)
+    trig.teacher = DiffusionDenoiser(TrigFlowGMM(make_mixture("2d")), TrigFlowPath(), "v")
+    for it in (0, 1):
+        generator_gradients(rf, it)
+        generator_gradients(trig, it)
+        for a, b in zip(rf.gen_params, trig.gen_params, strict=True):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-7, atol=1e-9)
+    assert any(p.grad.abs().max() > 1e-6 for p in rf.gen_params)

@@ -3,11 +3,9 @@
 Time convention everywhere: rectified flow, ``x_t = (1 - t) x0 + t eps``, ``t = 1`` is noise.
 """
 
-from sidflow.denoiser import Cond, CondSource, Denoiser, PromptEncoder
+from sidflow.core.denoiser import Cond, CondSource, Denoiser, PromptEncoder
 from sidflow.errors import SidflowError
 
 __all__ = ["Cond", "CondSource", "Denoiser", "PromptEncoder", "SidflowError", "__version__"]
 
 __version__ = "0.1.0"
-
-from sidflow import presets as _presets  # noqa: E402,F401  (registers the named presets)

@@ -2,8 +2,8 @@
 
 One :class:`SiDConfig` holds a section per concern (teacher, generator, loss, guidance, optimiser,
 training loop, SiDA adversarial term); defaults follow the spec's "at a glance" column (spec
-sections 3-7 and 10). Choices are string enums (``Literal`` types), never booleans. Presets are
-registered by name in :data:`PRESETS` (:func:`register_preset`); the CLI applies overrides such as
+sections 3-7 and 10). Choices are string enums (``Literal`` types), never booleans. Named presets live
+in :mod:`sidflow.run.presets`; the CLI applies overrides such as
 ``loss.alpha=1.2`` with :func:`apply_overrides`, which checks every value against the field's type
 and raises a one-line :class:`~sidflow.errors.ConfigError` naming the key and the valid choices.
 """
@@ -20,12 +20,27 @@ from typing import Any, Literal
 
 from sidflow.errors import ConfigError
 
-__all__ = ["TeacherConfig", "GeneratorConfig", "LossConfig", "GuidanceConfig", "OptimConfig",
-           "TrainConfig", "GANConfig", "DataConfig", "EvalConfig", "SiDConfig", "PRESETS", "register_preset",
-           "get_preset", "apply_overrides", "to_json", "from_json", "to_dict", "from_dict"]
+__all__ = [
+    "TeacherConfig",
+    "GeneratorConfig",
+    "LossConfig",
+    "GuidanceConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "GANConfig",
+    "DataConfig",
+    "EvalConfig",
+    "SiDConfig",
+    "apply_overrides",
+    "to_json",
+    "from_json",
+    "to_dict",
+    "from_dict",
+]
 
-Weighting = Literal["1_minus_sigma", "1_minus_sigma_squared", "1_over_sigma", "1_over_sigma2",
-                    "snr_sqrt", "snr", "sid_legacy"]
+Weighting = Literal[
+    "1_minus_sigma", "1_minus_sigma_squared", "1_over_sigma", "1_over_sigma2", "snr_sqrt", "snr", "sid_legacy"
+]
 
 
 def _validate(obj: Any) -> None:
@@ -39,12 +54,12 @@ def _validate(obj: Any) -> None:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    kind: str = "gmm"              # runner key in sidflow.commands.distill.RUNNERS ("gmm", ...)
-    path: str = "2d"               # gmm: "2d" | "image"; pipelines: a folder or hub id
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"   # weights of teacher/fake/generator
-    time_scale: float | None = None           # transformer time input = time_scale * t; None = family default
-    max_sequence_length: int | None = None    # text tokens (SD3 T5 77, FLUX 512, SANA 300); None = default
-    gradient_checkpointing: Literal["off", "on"] = "off"   # on fake score and generator (not the teacher)
+    kind: str = "gmm"  # runner key in sidflow.cli.distill.RUNNERS ("gmm", ...)
+    path: str = "2d"  # gmm: "2d" | "image"; pipelines: a folder or hub id
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights of teacher/fake/generator
+    time_scale: float | None = None  # transformer time input = time_scale * t; None = family default
+    max_sequence_length: int | None = None  # text tokens (SD3 T5 77, FLUX 512, SANA 300); None = default
+    gradient_checkpointing: Literal["off", "on"] = "off"  # on fake score and generator (not the teacher)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -52,10 +67,10 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class GeneratorConfig:
-    num_steps: int = 4             # K (spec 3.1)
-    t_init: float = 1.0            # time of the first step (999/999)
+    num_steps: int = 4  # K (spec 3.1)
+    t_init: float = 1.0  # time of the first step (999/999)
     noise_type: Literal["fresh", "fixed", "ddim"] = "fresh"
-    shift: float | None = None     # SD3 step-time warp (3.0), None = off
+    shift: float | None = None  # SD3 step-time warp (3.0), None = off
     # relative odds of training k = 1..K steps in an iteration; None = uniform (the paper, spec 3.3)
     k_weights: tuple[float, ...] | None = None
     # odds at the last iteration: the odds move linearly from k_weights (uniform if None) to these
@@ -69,9 +84,11 @@ class GeneratorConfig:
         for name in ("k_weights", "k_weights_end"):
             w = getattr(self, name)
             if w is not None and (len(w) != self.num_steps or min(w) < 0 or sum(w) <= 0):
-                raise ConfigError(f"generator.{name}={','.join(map(str, w))} needs {self.num_steps} "
-                                  "non-negative values (one per k = 1..num_steps) with a positive sum, "
-                                  "or none for the uniform draw")
+                raise ConfigError(
+                    f"generator.{name}={','.join(map(str, w))} needs {self.num_steps} "
+                    "non-negative values (one per k = 1..num_steps) with a positive sum, "
+                    "or none for the uniform draw"
+                )
 
     def k_odds(self, progress: float) -> tuple[float, ...] | None:
         """Relative odds of k = 1..K at ``progress`` in [0, 1] of the run; None = uniform."""
@@ -90,17 +107,17 @@ def _normalised(weights: tuple[float, ...]) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class LossConfig:
-    alpha: float = 1.0             # SiD alpha (1.2 in original SiD)
+    alpha: float = 1.0  # SiD alpha (1.2 in original SiD)
     # alpha of iterations that train k = 1..K steps (one value per k); None = alpha for every k
     alpha_k: tuple[float, ...] | None = None
     weighting: Weighting = "1_minus_sigma"
     t_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
     t_mean: float = math.log(2.0)  # logit-normal location
-    t_std: float = 1.6             # logit-normal scale
-    t_min: float = 0.0             # uniform range
+    t_std: float = 1.6  # logit-normal scale
+    t_min: float = 0.0  # uniform range
     t_max: float = 1.0
-    ls: float = 1.0                # fake-score loss scale
-    lsg: float = 100.0             # generator loss scale
+    ls: float = 1.0  # fake-score loss scale
+    lsg: float = 100.0  # generator loss scale
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -112,12 +129,12 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class GuidanceConfig:
-    kappa1: float = 4.5            # CFG of the fake score in its own loss
-    kappa2: float = 4.5            # CFG of the fake score in the generator loss (first factor)
-    kappa3: float | None = None    # ... second factor; None = kappa2
-    kappa4: float = 4.5            # CFG of the teacher in the generator loss
-    embedded_teacher: float | None = None    # FLUX embedded guidance for teacher and fake; None = untouched
-    embedded_generator: float | None = 1.0   # FLUX embedded guidance for the generator
+    kappa1: float = 4.5  # CFG of the fake score in its own loss
+    kappa2: float = 4.5  # CFG of the fake score in the generator loss (first factor)
+    kappa3: float | None = None  # ... second factor; None = kappa2
+    kappa4: float = 4.5  # CFG of the teacher in the generator loss
+    embedded_teacher: float | None = None  # FLUX embedded guidance for teacher and fake; None = untouched
+    embedded_generator: float | None = 1.0  # FLUX embedded guidance for the generator
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -129,11 +146,11 @@ class GuidanceConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-5               # fake score
-    glr: float = 1e-5              # generator
+    lr: float = 1e-5  # fake score
+    glr: float = 1e-5  # generator
     betas: tuple[float, float] = (0.0, 0.999)
     eps: float = 1e-8
-    grad_clip: float | None = None   # clip-by-value on both networks' grads (pure bf16: 1.0)
+    grad_clip: float | None = None  # clip-by-value on both networks' grads (pure bf16: 1.0)
     # both learning rates fall linearly to decay_min x their value over the last decay_frac of the
     # iterations (a warmup-stable-decay tail); 0 = constant, as in the paper
     decay_frac: float = 0.0
@@ -142,20 +159,21 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _validate(self)  # betas become floats: torch 2.13's Adam rejects the integer 0
         if not (0.0 <= self.decay_frac <= 1.0 and 0.0 <= self.decay_min <= 1.0):
-            raise ConfigError(f"optim.decay_frac={self.decay_frac} and optim.decay_min={self.decay_min} "
-                              "must lie in [0, 1]")
+            raise ConfigError(
+                f"optim.decay_frac={self.decay_frac} and optim.decay_min={self.decay_min} must lie in [0, 1]"
+            )
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch: int = 256               # global batch B
-    batch_gpu: int = 8             # micro-batch b per rank and round
-    max_steps: int = 1000          # iterations (ignored when total_kimg is set)
+    batch: int = 256  # global batch B
+    batch_gpu: int = 8  # micro-batch b per rank and round
+    max_steps: int = 1000  # iterations (ignored when total_kimg is set)
     total_kimg: float | None = None  # training length in thousands of generator images
     seed: int = 0
-    log_every: int = 10            # iterations between metric logs
-    ckpt_every: int = 500          # iterations between checkpoints (0 = only at the end)
-    ema_halflife_kimg: float = 0.0   # generator EMA half-life; 0 = off
+    log_every: int = 10  # iterations between metric logs
+    ckpt_every: int = 500  # iterations between checkpoints (0 = only at the end)
+    ema_halflife_kimg: float = 0.0  # generator EMA half-life; 0 = off
     max_nonfinite_frac: float = 0.1  # abort with NonFiniteError past this fraction of a phase's samples
     # FSDP2 fully_shard per transformer block, then per transformer (spec 16); needs torchrun with
     # > 1 process (pipeline teachers): a single process runs unsharded and says so
@@ -164,8 +182,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _validate(self)
         if self.batch < 1 or self.batch_gpu < 1 or self.batch % self.batch_gpu:
-            raise ConfigError(f"train.batch={self.batch} must be a multiple of "
-                              f"train.batch_gpu={self.batch_gpu}")
+            raise ConfigError(f"train.batch={self.batch} must be a multiple of train.batch_gpu={self.batch_gpu}")
 
     def num_steps(self) -> int:
         """Iterations to run: ``ceil(total_kimg * 1000 / batch)`` or ``max_steps``."""
@@ -176,12 +193,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class GANConfig:
-    mode: Literal["off", "sida"] = "off"   # SiDA: fake-score features as discriminator (spec 7)
-    warmup_kimg: float = 20.0      # no generator update before this many images
-    mix_kimg: float = 40.0         # after this, generator loss 0.5 SiD + 0.5 adversarial
-    mix: float = 0.5               # weight of the adversarial term after mix_kimg
-    lsd: float = 1.0               # discriminator loss scale
-    lsg_gan: float = 1.0           # generator adversarial loss scale
+    mode: Literal["off", "sida"] = "off"  # SiDA: fake-score features as discriminator (spec 7)
+    warmup_kimg: float = 20.0  # no generator update before this many images
+    mix_kimg: float = 40.0  # after this, generator loss 0.5 SiD + 0.5 adversarial
+    mix: float = 0.5  # weight of the adversarial term after mix_kimg
+    lsd: float = 1.0  # discriminator loss scale
+    lsg_gan: float = 1.0  # generator adversarial loss scale
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -189,10 +206,10 @@ class GANConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    prompts: str = ""              # prompt file (one per line) or "builtin:digits" (bundled teacher)
-    resolution: int = 512          # image resolution; latents are resolution / VAE factor
-    cache_dir: str | None = None   # on-disk prompt-embedding cache (sharded safetensors); None = memory only
-    cache_size: int = 4096         # prompts kept in the in-memory LRU
+    prompts: str = ""  # prompt file (one per line) or "builtin:NAME" (e.g. builtin:digits)
+    resolution: int = 512  # image resolution; latents are resolution / VAE factor
+    cache_dir: str | None = None  # on-disk prompt-embedding cache (sharded safetensors); None = memory only
+    cache_size: int = 4096  # prompts kept in the in-memory LRU
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -200,12 +217,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    kind: Literal["none", "digits"] = "none"   # "digits": the bundled evaluator (FID + prompt accuracy)
-    every_kimg: float = 0.0        # evaluate every this many thousand training images; 0 = only at the end
-    num_samples: int = 1000        # samples per figure (100 per class for "digits")
-    student_steps: tuple[int, ...] = (1, 4)   # generator step counts scored at each evaluation
-    teacher_grid_steps: tuple[int, ...] = (4, 32)   # teacher rows of the sample grid
-    grid_size: int = 20            # images per row of the sample grids
+    kind: str = "none"  # "none" or a registered evaluation (e.g. "digits", the bundled evaluator)
+    every_kimg: float = 0.0  # evaluate every this many thousand training images; 0 = only at the end
+    num_samples: int = 1000  # samples per figure (100 per class for "digits")
+    student_steps: tuple[int, ...] = (1, 4)  # generator step counts scored at each evaluation
+    teacher_grid_steps: tuple[int, ...] = (4, 32)  # teacher rows of the sample grid
+    grid_size: int = 20  # images per row of the sample grids
     # which weights the run reports and exports: "final" (the last, EMA when on), "validation" (the
     # evaluated snapshot with the best validation FID over all student_steps, never measured on the
     # held-out set; spec 9) or "validation_per_steps" (the best snapshot for each step count)
@@ -214,8 +231,10 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _validate(self)
         if self.select != "final" and self.kind == "none":
-            raise ConfigError(f"eval.select={self.select} needs an evaluation with validation FIDs "
-                              "(eval.kind=digits); use eval.select=final")
+            raise ConfigError(
+                f"eval.select={self.select} needs an evaluation with validation FIDs "
+                "(e.g. eval.kind=digits); use eval.select=final"
+            )
 
 
 @dataclass(frozen=True)
@@ -234,8 +253,10 @@ class SiDConfig:
     def __post_init__(self) -> None:
         a, steps = self.loss.alpha_k, self.generator.num_steps
         if a is not None and len(a) != steps:
-            raise ConfigError(f"loss.alpha_k={','.join(map(str, a))} needs {steps} values (one per k = "
-                              f"1..generator.num_steps), or none to use loss.alpha for every k")
+            raise ConfigError(
+                f"loss.alpha_k={','.join(map(str, a))} needs {steps} values (one per k = "
+                f"1..generator.num_steps), or none to use loss.alpha for every k"
+            )
 
 
 # ---- (de)serialisation and overrides ----------------------------------------------------------
@@ -289,7 +310,7 @@ def to_dict(config: SiDConfig) -> dict[str, Any]:
 def from_dict(data: dict[str, Any]) -> SiDConfig:
     """Build a config from :func:`to_dict` output; unknown keys raise ConfigError."""
     hints = typing.get_type_hints(SiDConfig)
-    sections = {}
+    sections: dict[str, Any] = {}
     for name, value in data.items():
         if name not in hints:
             raise ConfigError(f"unknown config section {name!r}; valid: {', '.join(hints)}")
@@ -326,15 +347,16 @@ def apply_overrides(config: SiDConfig, overrides: list[str]) -> SiDConfig:
     """Apply ``section.key=value`` overrides (a leading ``--`` is allowed), type-checked."""
     hints = typing.get_type_hints(SiDConfig)
     changes: dict[str, dict[str, Any]] = {}  # applied per section at the end, so that cross-field
-    for item in overrides:                   # checks (batch % batch_gpu) see every override at once
+    for item in overrides:  # checks (batch % batch_gpu) see every override at once
         text = item[2:] if item.startswith("--") else item
         key, sep, raw = text.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. loss.alpha=1.2)")
         if section not in hints or section == "name":
-            raise ConfigError(f"unknown config section {section!r}; valid: "
-                              f"{', '.join(h for h in hints if h != 'name')}")
+            raise ConfigError(
+                f"unknown config section {section!r}; valid: {', '.join(h for h in hints if h != 'name')}"
+            )
         current = getattr(config, section)
         sec_hints = typing.get_type_hints(type(current))
         if name not in sec_hints:
@@ -343,42 +365,3 @@ def apply_overrides(config: SiDConfig, overrides: list[str]) -> SiDConfig:
     for section, values in changes.items():
         config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **values)})
     return config
-
-
-# ---- presets ------------------------------------------------------------------------------------
-PRESETS: dict[str, SiDConfig] = {}
-
-
-def register_preset(name: str, config: SiDConfig, *, replace: bool = False) -> None:
-    """Register a named preset (modules owning a runner register their own)."""
-    if name in PRESETS and not replace:
-        raise ConfigError(f"preset {name!r} already registered")
-    PRESETS[name] = dataclasses.replace(config, name=name)
-
-
-def get_preset(name: str) -> SiDConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]
-
-
-def _gmm(kind: str, num_steps: int, kappa: float, max_steps: int, glr: float) -> SiDConfig:
-    """The analytic Gaussian-mixture distillation (issue 2's end-to-end proof), tuned for 1 CPU thread.
-
-    Tuned on a separate evaluation seed: a fast fake score (lr 2e-3) and a slow generator, EMA of
-    the generator (half-life 20k images). The 4-step run is short because the uniform mixture over
-    k makes the 4-step output compensate the 1-step output's errors as training goes on.
-    """
-    return SiDConfig(
-        teacher=TeacherConfig(kind="gmm", path=kind),
-        generator=GeneratorConfig(num_steps=num_steps),
-        guidance=GuidanceConfig(kappa1=kappa, kappa2=kappa, kappa4=kappa),
-        optim=OptimConfig(lr=2e-3, glr=glr),
-        train=TrainConfig(batch=128, batch_gpu=128, max_steps=max_steps, log_every=100, ckpt_every=0,
-                          ema_halflife_kimg=20.0))
-
-
-register_preset("gmm-2d", _gmm("2d", 4, 1.0, 500, 2.5e-4))
-register_preset("gmm-2d-1step", _gmm("2d", 1, 1.0, 1600, 1.5e-4))
-register_preset("gmm-2d-cfg3", _gmm("2d", 1, 3.0, 500, 1.5e-4))
-register_preset("gmm-image", _gmm("image", 4, 1.0, 500, 2.5e-4))

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["SidflowError", "TeacherLoadError", "ConfigError", "CheckpointError", "DataError",
-           "NonFiniteError"]
+__all__ = ["SidflowError", "TeacherLoadError", "ConfigError", "CheckpointError", "DataError", "NonFiniteError"]
 
 
 class SidflowError(Exception):

@@ -25,4 +25,3 @@ def tiny(tiny_root):
     from sidflow.testing import tiny_pipeline
 
     return lambda family: tiny_pipeline(family, tiny_root)
-

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sidflow import rng
-from sidflow.data import EmbeddingCache, PromptSource, read_prompt_file
-from sidflow.denoiser import Cond
+from sidflow.core import rng
+from sidflow.core.denoiser import Cond
+from sidflow.data.prompts import EmbeddingCache, PromptSource, read_prompt_file
 from sidflow.errors import DataError
 
 
@@ -85,6 +85,15 @@ def test_disk_cache_roundtrip_keyed_by_settings(tmp_path):
     enc3 = CountingEncoder()
     PromptSource(PROMPTS, enc3, cache_dir=tmp_path, settings={"kind": "other"}).encode(["a cat"])
     assert enc3.calls == [["a cat"]]
+
+
+def test_no_cache_at_all_still_encodes():
+    enc = CountingEncoder()
+    source = PromptSource(["a", "bb"], enc, cache_size=0)  # no LRU and no cache_dir
+    out = source.encode(["bb", "a", "bb"])
+    assert len(out) == 3 and torch.equal(out["embeds"][0], out["embeds"][2])
+    assert out["embeds"][1, 0].tolist() == [1.0, float(ord("a"))]
+    assert source.memory.max_items == 0 and source.disk is None
 
 
 def test_prompt_file(tmp_path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sidflow.guidance import with_embedded_guidance
-from sidflow.sampling import euler_sample
+from sidflow.core.guidance import with_embedded_guidance
+from sidflow.core.sampling import euler_sample
 from sidflow.teachers import load_teacher
 from sidflow.teachers.flux import image_ids, pack_latents, unpack_latents
 from sidflow.testing import load_pipeline as load_pipe
@@ -27,8 +27,15 @@ def _unpack_ref(pipe, packed):
 @pytest.mark.parametrize("num_steps,g", [(1, 1.0), (4, 3.5)])
 def test_euler_sampler_reproduces_pipeline_embedded_guidance(pair, num_steps, g):
     teacher, pipe = pair
-    ref = pipe(PROMPTS, height=32, width=32, num_inference_steps=num_steps, guidance_scale=g,
-               output_type="latent", generator=torch.Generator().manual_seed(2)).images
+    ref = pipe(
+        PROMPTS,
+        height=32,
+        width=32,
+        num_inference_steps=num_steps,
+        guidance_scale=g,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(2),
+    ).images
     shape = teacher.latent_shape(32)
     noise = torch.randn((2, *shape), generator=torch.Generator().manual_seed(2))
     cond = with_embedded_guidance(teacher.encode_prompts(PROMPTS), g)
@@ -40,9 +47,17 @@ def test_euler_sampler_reproduces_pipeline_embedded_guidance(pair, num_steps, g)
 @pytest.mark.parametrize("num_steps", [1, 4])
 def test_euler_sampler_reproduces_pipeline_true_cfg(pair, num_steps):
     teacher, pipe = pair
-    ref = pipe(PROMPTS, negative_prompt=["", ""], true_cfg_scale=4.0, guidance_scale=2.0, height=32, width=32,
-               num_inference_steps=num_steps, output_type="latent",
-               generator=torch.Generator().manual_seed(4)).images
+    ref = pipe(
+        PROMPTS,
+        negative_prompt=["", ""],
+        true_cfg_scale=4.0,
+        guidance_scale=2.0,
+        height=32,
+        width=32,
+        num_inference_steps=num_steps,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(4),
+    ).images
     shape = teacher.latent_shape(32)
     noise = torch.randn((2, *shape), generator=torch.Generator().manual_seed(4))
     cond = with_embedded_guidance(teacher.encode_prompts(PROMPTS), 2.0)
@@ -71,25 +86,33 @@ def test_x0_and_scheduler_step_match_plain_diffusers(pair):
     timestep = pipe.scheduler.timesteps[1].expand(2)
     img_ids = pipe._prepare_latent_image_ids(2, shape[1] // 2, shape[2] // 2, "cpu", torch.float32)
     packed = pipe._pack_latents(x_t, 2, 4, *shape[1:])
-    v_ref = pipe.transformer(hidden_states=packed, timestep=timestep / 1000, guidance=torch.full((2,), 3.0),
-                             pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
-                             img_ids=img_ids, return_dict=False)[0]
+    v_ref = pipe.transformer(
+        hidden_states=packed,
+        timestep=timestep / 1000,
+        guidance=torch.full((2,), 3.0),
+        pooled_projections=pooled,
+        encoder_hidden_states=embeds,
+        txt_ids=text_ids,
+        img_ids=img_ids,
+        return_dict=False,
+    )[0]
     t = sigmas[1].expand(2)
     v = teacher.denoiser.velocity(x_t, t, with_embedded_guidance(teacher.encode_prompts(PROMPTS), 3.0))
     torch.testing.assert_close(pack_latents(v), v_ref, atol=1e-5, rtol=0)
-    step_ref = pipe.scheduler.step(v_ref, pipe.scheduler.timesteps[1], pipe._pack_latents(x_t, 2, 4, 16, 16),
-                                   return_dict=False)[0]
+    step_ref = pipe.scheduler.step(
+        v_ref, pipe.scheduler.timesteps[1], pipe._pack_latents(x_t, 2, 4, 16, 16), return_dict=False
+    )[0]
     torch.testing.assert_close(pack_latents(x_t + (sigmas[2] - sigmas[1]) * v), step_ref, atol=1e-5, rtol=0)
     x0 = x_t - t.view(-1, 1, 1, 1) * v
-    torch.testing.assert_close(pack_latents(x0), pipe._pack_latents(x_t, 2, 4, 16, 16) - sigmas[1] * v_ref,
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        pack_latents(x0), pipe._pack_latents(x_t, 2, 4, 16, 16) - sigmas[1] * v_ref, atol=1e-5, rtol=0
+    )
 
 
 def test_features_are_image_tokens_after_norm_out(pair):
     teacher, _ = pair
     x_t = torch.randn(2, *teacher.latent_shape(32))
-    v, feats = teacher.denoiser.velocity(x_t, torch.tensor([0.2, 0.9]), teacher.encode_prompts(PROMPTS),
-                                         features=True)
+    v, feats = teacher.denoiser.velocity_and_features(x_t, torch.tensor([0.2, 0.9]), teacher.encode_prompts(PROMPTS))
     config = teacher.denoiser.transformer.config
     assert feats.shape == (2, config.num_attention_heads * config.attention_head_dim)
     assert v.shape == x_t.shape and torch.isfinite(feats).all()

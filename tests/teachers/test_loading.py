@@ -127,15 +127,18 @@ def test_gradient_checkpointing_keeps_gradients(tiny):
         torch.testing.assert_close(g, h)
 
 
-def test_time_scale_name_rule_is_only_a_logged_fallback(caplog):
-    from sidflow.teachers.base import resolve_time_scale
+def test_time_scale_comes_from_the_family_unless_given(tiny):
+    from sidflow.teachers.families import FAMILIES
 
-    assert resolve_time_scale(7.0, "x-sprint", 1000.0) == 7.0
-    assert resolve_time_scale(None, "x-sprint", 1000.0) == 1000.0 and not caplog.records
-    with caplog.at_level("WARNING"):
-        assert resolve_time_scale(None, "Sana_Sprint_1.6B_teacher", None) == 1.0
-        assert resolve_time_scale(None, "Sana_600M", None) == 1000.0
-    assert len(caplog.records) == 2 and "guessed" in caplog.records[0].getMessage()
+    assert (FAMILIES["sd3"].time_scale, FAMILIES["flux"].time_scale, FAMILIES["sana_sprint"].time_scale) == (
+        1000.0,
+        1.0,
+        1.0,
+    )
+    assert load_teacher(tiny("sd3")).denoiser.time_scale == 1000.0
+    assert load_teacher(tiny("sd3"), time_scale=7.0).denoiser.time_scale == 7.0
+    assert load_teacher(tiny("sana")).denoiser.time_scale == 1000.0
+    assert load_teacher(tiny("sana_sprint")).denoiser.time_scale == 1.0  # its sidflow_teacher.json says so
 
 
 def test_sd3_without_t5(tiny):
@@ -154,6 +157,7 @@ def test_cuda_bf16_policy(tiny):
     teacher = load_teacher(tiny("flux"), device="cuda", dtype=torch.bfloat16)
     assert all(next(m.parameters()).dtype == torch.bfloat16 for m in teacher.text_encoders())
     x_t = torch.randn(2, *teacher.latent_shape(32), device="cuda")
-    v, feats = teacher.denoiser.velocity(x_t, torch.tensor([0.3, 0.9], device="cuda"),
-                                         teacher.encode_prompts(["a", "b"]), features=True)
+    v, feats = teacher.denoiser.velocity_and_features(
+        x_t, torch.tensor([0.3, 0.9], device="cuda"), teacher.encode_prompts(["a", "b"])
+    )
     assert v.dtype == feats.dtype == torch.float32 and torch.isfinite(v).all()

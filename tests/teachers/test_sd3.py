@@ -20,18 +20,19 @@ def pair(request, tiny):
 
 def test_x0_and_scheduler_step_match_plain_diffusers(pair):
     teacher, pipe = pair
-    embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=False,
-                                              max_sequence_length=77)
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        PROMPTS, None, None, do_classifier_free_guidance=False, max_sequence_length=77
+    )
     x_t = torch.randn(2, *teacher.latent_shape(32), generator=torch.Generator().manual_seed(1))
     pipe.scheduler.set_timesteps(4)
     timestep = pipe.scheduler.timesteps[1].expand(2)  # the pipeline's own 0..1000 timestep
-    v_ref = pipe.transformer(hidden_states=x_t, timestep=timestep, encoder_hidden_states=embeds,
-                             pooled_projections=pooled, return_dict=False)[0]
+    v_ref = pipe.transformer(
+        hidden_states=x_t, timestep=timestep, encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False
+    )[0]
     t = pipe.scheduler.sigmas[1].expand(2)
     v = teacher.denoiser.velocity(x_t, t, teacher.encode_prompts(PROMPTS))
     torch.testing.assert_close(v, v_ref, atol=1e-6, rtol=0)
-    torch.testing.assert_close(x_t - t.view(-1, 1, 1, 1) * v, x_t - pipe.scheduler.sigmas[1] * v_ref,
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(x_t - t.view(-1, 1, 1, 1) * v, x_t - pipe.scheduler.sigmas[1] * v_ref, atol=1e-6, rtol=0)
     # one Euler step in sidflow's convention == FlowMatchEulerDiscreteScheduler.step
     step_ref = pipe.scheduler.step(v_ref, pipe.scheduler.timesteps[1], x_t, return_dict=False)[0]
     sigmas = teacher.sigmas(4, teacher.latent_shape(32))
@@ -43,7 +44,7 @@ def test_features_are_pooled_norm_out_tokens(pair):
     x_t = torch.randn(2, *teacher.latent_shape(32))
     t = torch.tensor([0.3, 0.8])
     cond = teacher.encode_prompts(PROMPTS)
-    v, feats = teacher.denoiser.velocity(x_t, t, cond, features=True)
+    v, feats = teacher.denoiser.velocity_and_features(x_t, t, cond)
     torch.testing.assert_close(v, teacher.denoiser.velocity(x_t, t, cond))
     inner = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
     assert feats.shape == (2, inner) and feats.dtype == torch.float32

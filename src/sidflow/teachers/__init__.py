@@ -11,23 +11,17 @@ import importlib
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from sidflow.errors import TeacherLoadError
-from sidflow.teachers.base import SIDFLOW_TEACHER_FILE, check_components, read_model_index, resolve_time_scale
+from sidflow.teachers.base import SIDFLOW_TEACHER_FILE, TeacherBase, check_components, read_model_index
+from sidflow.teachers.families import FAMILIES, PIPELINE_FAMILIES, get_family
 
-__all__ = ["FAMILIES", "PIPELINE_FAMILIES", "load_teacher", "detect_family"]
+__all__ = ["FAMILIES", "PIPELINE_FAMILIES", "TeacherBase", "load_teacher", "detect_family"]
 
 log = logging.getLogger(__name__)
-
-FAMILIES = ("sd3", "sd35", "flux", "sana", "sana_sprint")
-# diffusers pipeline class -> sidflow family
-PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "SanaPipeline": "sana",
-                     "SanaSprintPipeline": "sana_sprint"}
-# the spec 1.1 time scales; sana_sprint is "t", the others "1000 t" (FLUX scales inside the model)
-_MODULES = {"sd3": "sd3", "sd35": "sd3", "flux": "flux", "sana": "sana", "sana_sprint": "sana"}
-DEFAULT_TIME_SCALE = {"sd3": 1000.0, "sd35": 1000.0, "flux": 1.0, "sana": 1000.0, "sana_sprint": 1.0}
 
 
 def detect_family(index: dict, name: str, sidecar: dict | None = None) -> str:
@@ -36,12 +30,15 @@ def detect_family(index: dict, name: str, sidecar: dict | None = None) -> str:
         return str(sidecar["family"])
     cls = str(index.get("_class_name", ""))
     if cls not in PIPELINE_FAMILIES:
-        raise TeacherLoadError(f"{name}: pipeline class '{cls}' is not a supported teacher family; "
-                               f"supported: {', '.join(sorted(PIPELINE_FAMILIES))}")
+        raise TeacherLoadError(
+            f"{name}: pipeline class '{cls}' is not a supported teacher family; "
+            f"supported: {', '.join(sorted(PIPELINE_FAMILIES))}"
+        )
     family = PIPELINE_FAMILIES[cls]
     if family == "sana" and "sprint" in name.lower():
-        log.warning("%s: 'sprint' in the name, treating it as a SANA-Sprint teacher (pass family= to be "
-                    "explicit)", name)
+        log.warning(
+            "%s: 'sprint' in the name, treating it as a SANA-Sprint teacher (pass family= to be explicit)", name
+        )
         family = "sana_sprint"
     return family
 
@@ -55,8 +52,10 @@ def _resolve(path_or_id: str | Path) -> tuple[Path | None, str]:
     text = str(path_or_id)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
         return None, text  # a hub id
-    raise TeacherLoadError(f"{text} does not exist; pass a local pipeline folder or a hub id like "
-                           "stabilityai/stable-diffusion-3-medium-diffusers")
+    raise TeacherLoadError(
+        f"{text} does not exist; pass a local pipeline folder or a hub id like "
+        "stabilityai/stable-diffusion-3-medium-diffusers"
+    )
 
 
 def _hub_index(repo_id: str) -> dict:
@@ -65,20 +64,28 @@ def _hub_index(repo_id: str) -> dict:
 
     shipped = shipped_config(repo_id)
     if shipped is not None:  # the family and time scale are facts of the shipped config
-        return {"_class_name": shipped["pipeline"], "_sidflow": {"family": shipped["family"],
-                                                                  "time_scale": shipped["time_scale"]}}
+        return {"_class_name": shipped["pipeline"], "_sidflow": {"family": shipped["family"]}}
     try:
         from huggingface_hub import hf_hub_download
 
         return json.loads(Path(hf_hub_download(repo_id, "model_index.json")).read_text())
     except Exception as err:  # offline, unknown repo, gated: all one line
-        raise TeacherLoadError(f"cannot read model_index.json of hub id {repo_id} ({type(err).__name__}); "
-                               "check the id, log in for gated repos, or pass a local folder") from None
+        raise TeacherLoadError(
+            f"cannot read model_index.json of hub id {repo_id} ({type(err).__name__}); "
+            "check the id, log in for gated repos, or pass a local folder"
+        ) from None
 
 
-def load_teacher(path_or_id: str | Path, *, family: str | None = None, time_scale: float | None = None,
-                 text_encoder_dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, max_sequence_length: int | None = None):
+def load_teacher(
+    path_or_id: str | Path,
+    *,
+    family: str | None = None,
+    time_scale: float | None = None,
+    text_encoder_dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    max_sequence_length: int | None = None,
+) -> TeacherBase:
     """Load a teacher (``SD3Teacher``, ``FluxTeacher`` or ``SanaTeacher``).
 
     Args:
@@ -105,18 +112,23 @@ def load_teacher(path_or_id: str | Path, *, family: str | None = None, time_scal
         sidecar = index.get("_sidflow")
     if family is None:
         family = detect_family(index, name, sidecar)
-    if family not in FAMILIES:
-        raise TeacherLoadError(f"unsupported teacher family '{family}'; choose one of {', '.join(FAMILIES)}")
+    fam = get_family(family)
     if time_scale is None and sidecar and sidecar.get("time_scale") is not None:
         time_scale = float(sidecar["time_scale"])
     if max_sequence_length is None and sidecar and sidecar.get("max_sequence_length") is not None:
         max_sequence_length = int(sidecar["max_sequence_length"])  # the text length the teacher was trained with
-    scale = resolve_time_scale(time_scale, name, DEFAULT_TIME_SCALE[family])
-    kwargs = {"name": name, "time_scale": scale, "dtype": dtype, "text_encoder_dtype": text_encoder_dtype,
-              "device": device}
-    if max_sequence_length is not None:
-        kwargs["max_sequence_length"] = int(max_sequence_length)
-    module = importlib.import_module(f"sidflow.teachers.{_MODULES[family]}")
+    scale = float(time_scale) if time_scale is not None else fam.time_scale
+    kwargs: dict[str, Any] = {
+        "name": name,
+        "time_scale": scale,
+        "dtype": dtype,
+        "text_encoder_dtype": text_encoder_dtype,
+        "device": device,
+    }
+    kwargs["max_sequence_length"] = int(
+        max_sequence_length if max_sequence_length is not None else fam.max_sequence_length
+    )
+    module = importlib.import_module(f"sidflow.teachers.{fam.module}")
     if family.startswith("sana"):
         kwargs["sprint"] = family == "sana_sprint"
     if folder is not None:

@@ -11,7 +11,9 @@ what is literally identical between them:
 * :func:`three_networks`, spec 2: frozen teacher psi, trainable fake score phi, trainable generator
   theta, deep-copied from one teacher;
 * :class:`LatentCodec`, VAE encode/decode with the model's scaling and shift (spec 2.2/2.3/2.1);
-* small loading helpers (time scale resolution, text-encoder dtype, one-line errors).
+* :class:`TeacherBase`, what every family's teacher object shares: codec, latent shapes, the three
+  networks, the teacher's Euler samples and the export as a stock pipeline (spec 15);
+* small loading helpers (text-encoder dtype, one-line errors).
 """
 
 from __future__ import annotations
@@ -21,18 +23,32 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
 
-from sidflow.denoiser import Cond
+from sidflow.core.denoiser import Cond
+from sidflow.core.sampling import euler_sample
 from sidflow.errors import TeacherLoadError
 
-__all__ = ["TransformerDenoiser", "LatentCodec", "three_networks", "resolve_time_scale",
-           "default_text_encoder_dtype", "check_resolution", "read_model_index", "SIDFLOW_TEACHER_FILE",
-           "TeacherBase", "prepare_pipeline", "check_components", "load_component"]
+__all__ = [
+    "TransformerDenoiser",
+    "LatentCodec",
+    "three_networks",
+    "default_text_encoder_dtype",
+    "check_resolution",
+    "read_model_index",
+    "SIDFLOW_TEACHER_FILE",
+    "TeacherBase",
+    "prepare_pipeline",
+    "check_components",
+    "load_component",
+]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 SIDFLOW_TEACHER_FILE = "sidflow_teacher.json"  # optional {"family", "time_scale"} next to model_index
 
@@ -41,13 +57,20 @@ class TransformerDenoiser(nn.Module):
     """Base for the per-family denoisers: holds only the transformer.
 
     Subclasses implement ``_forward(x, t, cond) -> v_model`` in the model's dtype and layout
-    (unpacked ``[B, C, h, w]`` in, velocity of the same shape out).
+    (unpacked ``[B, C, h, w]`` in, velocity of the same shape out) and name the transformer's block
+    lists (``fsdp_blocks``, from :mod:`sidflow.teachers.families`).
     """
+
+    fsdp_blocks: tuple[str, ...] = ()
 
     def __init__(self, transformer: nn.Module, time_scale: float) -> None:
         super().__init__()
         self.transformer = transformer
         self.time_scale = float(time_scale)
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The transformer blocks, each sharded as one FSDP2 unit before the transformer itself."""
+        return [block for name in self.fsdp_blocks for block in (getattr(self.transformer, name, None) or ())]
 
     @property
     def model_dtype(self) -> torch.dtype:
@@ -56,42 +79,47 @@ class TransformerDenoiser(nn.Module):
     def _forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def velocity(self, x_t: Tensor, t: Tensor, cond: Cond, *, features: bool = False
-                 ) -> Tensor | tuple[Tensor, Tensor]:
-        """Velocity ``v ~ eps - x0`` at rectified-flow time ``t`` (spec 1).
-
-        Args:
-            x_t: unpacked latents ``[B, C, h, w]``, any float dtype.
-            t: rectified-flow time ``[B]``, ``t = 1`` is noise.
-            cond: conditioning from the teacher's ``encode_prompts``/``uncond`` (batch ``B``).
-            features: also return the pooled final-norm features ``[B, C_inner]`` (spec 7.1).
-
-        Returns:
-            fp32 ``v`` shaped like ``x_t``, or ``(v, features)`` (features fp32); fp64 when the
-            model itself is fp64 (exactness tests).
-        """
+    def _prepare(self, x_t: Tensor, t: Tensor, cond: Cond) -> tuple[Tensor, Tensor, Cond, torch.dtype]:
         if t.ndim != 1 or t.shape[0] != x_t.shape[0]:
             raise ValueError(f"t must have shape [B]={[x_t.shape[0]]}, got {list(t.shape)}")
         if len(cond) != x_t.shape[0]:
             raise ValueError(f"cond has batch {len(cond)} but x_t has {x_t.shape[0]}")
         dtype = self.model_dtype
         out_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # fp64 only for exact tests
-        cond = cond.to(x_t.device, dtype)  # precision cast: float conds to the model dtype
-        t = t.to(out_dtype)
-        if not features:
-            return self._forward(x_t.to(dtype), t, cond).to(out_dtype)
+        # precision cast: float conds to the model dtype
+        return x_t.to(dtype), t.to(out_dtype), cond.to(x_t.device, dtype), out_dtype
+
+    def velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """Velocity ``v ~ eps - x0`` at rectified-flow time ``t`` (spec 1).
+
+        Args:
+            x_t: unpacked latents ``[B, C, h, w]``, any float dtype.
+            t: rectified-flow time ``[B]``, ``t = 1`` is noise.
+            cond: conditioning from the teacher's ``encode_prompts``/``uncond`` (batch ``B``).
+
+        Returns:
+            fp32 ``v`` shaped like ``x_t`` (fp64 when the model itself is fp64, for exactness tests).
+        """
+        x, t, cond, out_dtype = self._prepare(x_t, t, cond)
+        return self._forward(x, t, cond).to(out_dtype)
+
+    def velocity_and_features(self, x_t: Tensor, t: Tensor, cond: Cond) -> tuple[Tensor, Tensor]:
+        """``(v, features)``: :meth:`velocity` plus the pooled final-norm features ``[B, C_inner]``
+        (spec 7.1; image tokens after ``norm_out``, averaged over tokens), from the same pass."""
+        x, t, cond, out_dtype = self._prepare(x_t, t, cond)
         captured: list[Tensor] = []
-        hook = self.transformer.norm_out.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        norm_out = cast(nn.Module, self.transformer.norm_out)  # a diffusers submodule
+        hook = norm_out.register_forward_hook(lambda _m, _i, out: captured.append(out))
         try:
-            v = self._forward(x_t.to(dtype), t, cond).to(out_dtype)
+            v = self._forward(x, t, cond).to(out_dtype)
         finally:
             hook.remove()
         return v, captured[-1].to(out_dtype).mean(dim=1)
 
 
-def three_networks(teacher: TransformerDenoiser, trainable_copies: bool = True,
-                   gradient_checkpointing: bool = False
-                   ) -> tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser]:
+def three_networks(
+    teacher: TransformerDenoiser, trainable_copies: bool = True, gradient_checkpointing: bool = False
+) -> tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser]:
     """Spec 2: frozen teacher psi, fake score phi and generator theta from one teacher.
 
     Args:
@@ -110,7 +138,7 @@ def three_networks(teacher: TransformerDenoiser, trainable_copies: bool = True,
     for _ in range(2):
         net = copy.deepcopy(teacher).train().requires_grad_(True)
         if gradient_checkpointing and getattr(net.transformer, "_supports_gradient_checkpointing", False):
-            net.transformer.enable_gradient_checkpointing()
+            cast(Any, net.transformer).enable_gradient_checkpointing()  # a diffusers ModelMixin method
         copies.append(net)
     return teacher, copies[0], copies[1]
 
@@ -124,7 +152,7 @@ class LatentCodec:
 
     def __init__(self, vae: nn.Module, sample: bool = True) -> None:
         self.vae = vae
-        self.scaling = float(vae.config.scaling_factor)
+        self.scaling = float(cast(Any, vae).config.scaling_factor)  # a diffusers ConfigMixin attribute
         self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self.sample = sample  # KL VAEs: draw from the posterior (spec 2.2) or take its mean
 
@@ -132,7 +160,7 @@ class LatentCodec:
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Images ``[B, 3, H, W]`` in [-1, 1] -> fp32 latents ``[B, C, H/f, W/f]``."""
         dtype = next(self.vae.parameters()).dtype
-        out = self.vae.encode(images.to(dtype))
+        out = cast(Any, self.vae).encode(images.to(dtype))  # a diffusers VAE method
         if hasattr(out, "latent_dist"):
             dist = out.latent_dist
             z = dist.sample(generator) if self.sample else dist.mode()
@@ -145,23 +173,7 @@ class LatentCodec:
         """Latents ``[B, C, h, w]`` -> fp32 images in about [-1, 1] (not clamped)."""
         dtype = next(self.vae.parameters()).dtype
         z = latents.float() / self.scaling + self.shift
-        return self.vae.decode(z.to(dtype)).sample.float()
-
-
-def resolve_time_scale(explicit: float | None, name: str, default: float | None = None) -> float:
-    """The value fed to the transformer is ``time_scale * t`` (spec 1.1).
-
-    An explicit setting (argument or preset) wins; then the family default; the name rule
-    ("sprint" in the name -> 1, else 1000) is only a fallback and logs a warning.
-    """
-    if explicit is not None:
-        return float(explicit)
-    if default is not None:
-        return float(default)
-    guess = 1.0 if "sprint" in name.lower() else 1000.0
-    log.warning("time_scale not given for %s; guessed %g from the name (pass time_scale= to be explicit)",
-                name, guess)
-    return guess
+        return cast(Any, self.vae).decode(z.to(dtype)).sample.float()  # a diffusers VAE method
 
 
 def default_text_encoder_dtype(device: torch.device | str, requested: torch.dtype | None) -> torch.dtype:
@@ -176,8 +188,10 @@ def check_resolution(resolution: int | tuple[int, int], factor: int, what: str) 
     height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
     if height <= 0 or width <= 0 or height % factor or width % factor:
         near = max(factor, (height // factor) * factor)
-        raise TeacherLoadError(f"resolution {height}x{width} is not divisible by {factor} ({what}); "
-                               f"pick a multiple of {factor}, e.g. {near}")
+        raise TeacherLoadError(
+            f"resolution {height}x{width} is not divisible by {factor} ({what}); "
+            f"pick a multiple of {factor}, e.g. {near}"
+        )
     return height, width
 
 
@@ -185,8 +199,10 @@ def read_model_index(folder: Path) -> dict:
     """``model_index.json`` of a local diffusers pipeline folder, or a one-line TeacherLoadError."""
     index = folder / "model_index.json"
     if not index.is_file():
-        raise TeacherLoadError(f"{folder} is not a diffusers pipeline folder (no model_index.json); "
-                               "point --teacher at a folder saved with save_pretrained or at a hub id")
+        raise TeacherLoadError(
+            f"{folder} is not a diffusers pipeline folder (no model_index.json); "
+            "point --teacher at a folder saved with save_pretrained or at a hub id"
+        )
     try:
         return json.loads(index.read_text())
     except json.JSONDecodeError as err:
@@ -198,11 +214,13 @@ def check_components(folder: Path, index: dict, needed: tuple[str, ...]) -> None
     for name in needed:
         entry = index.get(name)
         if not entry or entry[0] is None or not (folder / name).is_dir():
-            raise TeacherLoadError(f"{folder} lacks the '{name}' component that this family needs; "
-                                   "re-save the complete pipeline (save_pretrained) or fix model_index.json")
+            raise TeacherLoadError(
+                f"{folder} lacks the '{name}' component that this family needs; "
+                "re-save the complete pipeline (save_pretrained) or fix model_index.json"
+            )
 
 
-def load_component(loader: Callable[[], nn.Module], name: str, where: str) -> nn.Module:
+def load_component(loader: Callable[[], _T], name: str, where: str) -> _T:
     """Run a diffusers/transformers ``from_pretrained`` and turn failures into one line."""
     try:
         return loader()
@@ -221,8 +239,16 @@ class TeacherBase:
 
     family = "?"
 
-    def __init__(self, pipe, denoiser: TransformerDenoiser, *, name: str, device: torch.device | str,
-                 vae_factor: int, token_factor: int) -> None:
+    def __init__(
+        self,
+        pipe,
+        denoiser: TransformerDenoiser,
+        *,
+        name: str,
+        device: torch.device | str,
+        vae_factor: int,
+        token_factor: int,
+    ) -> None:
         self.pipe = pipe
         self.denoiser = denoiser
         self.name = name
@@ -240,8 +266,9 @@ class TeacherBase:
     def latent_shape(self, resolution: int | tuple[int, int]) -> tuple[int, int, int]:
         """``(C, H/f, W/f)`` of the unpacked latents for an image resolution (one-line error if invalid)."""
         factor = self.vae_factor * self.token_factor
-        height, width = check_resolution(resolution, factor,
-                                         f"VAE factor {self.vae_factor} x patch {self.token_factor}")
+        height, width = check_resolution(
+            resolution, factor, f"VAE factor {self.vae_factor} x patch {self.token_factor}"
+        )
         return self.latent_channels, height // self.vae_factor, width // self.vae_factor
 
     def uncond(self, batch_size: int) -> Cond:
@@ -261,21 +288,27 @@ class TeacherBase:
         """Latents ``[B, C, h, w]`` -> images ``[B, 3, H, W]`` in about [-1, 1] (fp32)."""
         return self.codec.decode(latents.to(self.device))
 
-    def make_denoisers(self, trainable_copies: bool = True, gradient_checkpointing: bool = False
-                       ) -> tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser]:
+    def make_denoisers(
+        self, trainable_copies: bool = True, gradient_checkpointing: bool = False
+    ) -> tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser]:
         """``(teacher, fake, generator)``: see :func:`three_networks`."""
         return three_networks(self.denoiser, trainable_copies, gradient_checkpointing)
 
     def text_encoders(self) -> list[nn.Module]:
-        return [m for m in (getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2",
-                                                                    "text_encoder_3")) if m is not None]
+        return [
+            m
+            for m in (getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+            if m is not None
+        ]
 
     def encoder_settings(self) -> dict:
         """What determines a prompt's embeddings (keys the on-disk embedding cache)."""
-        return {"teacher": self.name, "family": self.family,
-                "text_encoder_dtype": sorted({str(next(m.parameters()).dtype) for m in self.text_encoders()}),
-                "max_sequence_length": getattr(self, "max_sequence_length", None),
-                "complex_human_instruction": getattr(self, "complex_human_instruction", None)}
+        return {
+            "teacher": self.name,
+            "family": self.family,
+            "text_encoder_dtype": sorted({str(next(m.parameters()).dtype) for m in self.text_encoders()}),
+            "max_sequence_length": getattr(self, "max_sequence_length", None),
+        }
 
     def move_text_encoders(self, device: torch.device | str) -> None:
         """Park the text encoders (e.g. on CPU once every prompt is cached); encoding still works."""
@@ -287,11 +320,7 @@ class TeacherBase:
         """A fresh ``FlowMatchEulerDiscreteScheduler`` with the pipeline's config (shift included)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        config = dict(self.pipe.scheduler.config)
-        if type(self.pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
-            # SANA ships DPM-Solver in flow mode: the equivalent Euler scheduler keeps its flow shift
-            config = {"shift": float(config.get("flow_shift") or 1.0)}
-        return FlowMatchEulerDiscreteScheduler.from_config(config)
+        return FlowMatchEulerDiscreteScheduler.from_config(dict(self.pipe.scheduler.config))
 
     def sigmas(self, num_steps: int, latent_shape: tuple[int, int, int]) -> Tensor:
         """The pipeline's own step times (its shift included), ``[num_steps + 1]`` ending at 0."""
@@ -301,6 +330,31 @@ class TeacherBase:
 
     def _set_timesteps(self, scheduler, num_steps: int, latent_shape: tuple[int, int, int]) -> None:
         scheduler.set_timesteps(num_steps)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], noise: Tensor, *, num_steps: int, guidance_scale: float = 1.0) -> Tensor:
+        """The teacher's Euler samples (latents ``[N, C, h, w]``, fp32) from the given initial noise,
+        on the pipeline's own step times, with CFG ``guidance_scale`` (spec 5.2, 15)."""
+        cond = self.encode_prompts(prompts)
+        uncond = self.uncond(len(prompts)) if guidance_scale != 1.0 else None
+        sigmas = self.sigmas(num_steps, cast("tuple[int, int, int]", tuple(noise.shape[1:])))
+        return euler_sample(self.denoiser, noise.to(self.device), sigmas, cond, uncond, guidance_scale)
+
+    def export_pipeline(self, generator: TransformerDenoiser, out: Path, *, stochastic_sampling: bool) -> Path:
+        """Save ``generator`` as a stock diffusers pipeline of the teacher's own class (spec 15).
+
+        The other components (VAE, text encoders, tokenizers) are the teacher's; the scheduler is
+        ``FlowMatchEulerDiscreteScheduler(shift=1)`` (the generator's step times are passed as
+        ``sigmas`` at call time), with ``stochastic_sampling`` for fresh re-noising.
+        """
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=1.0, use_dynamic_shifting=False, stochastic_sampling=stochastic_sampling
+        )
+        components = {**self.pipe.components, "transformer": generator.transformer, "scheduler": scheduler}
+        type(self.pipe)(**components).save_pretrained(out)
+        return out
 
 
 def prepare_pipeline(pipe, device: torch.device | str, text_encoder_dtype: torch.dtype | None) -> None:

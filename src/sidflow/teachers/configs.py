@@ -1,7 +1,7 @@
 """Teacher architectures without weights: shipped public configs and meta-device models.
 
 The public component configs of the supported teachers ship with sidflow
-(``sidflow/configs/teachers/*.json``: family, pipeline class, hub ids, time scale and every
+(``sidflow/teachers/shipped/*.json``: family, pipeline class, hub ids, time scale and every
 component's ``(library, class, config)``), so ``sidflow info`` works offline for a hub id. A local
 pipeline folder is described from its own ``model_index.json`` and ``*/config.json`` files. Models
 are instantiated on the ``meta`` device: shapes and parameter counts, no memory, no weights.
@@ -20,15 +20,18 @@ from sidflow.errors import TeacherLoadError
 
 __all__ = ["TeacherSpec", "shipped_specs", "shipped_config", "spec_from_folder", "meta_model", "count_params"]
 
-TeacherSpec = dict  # {"name", "family", "pipeline", "hub_ids", "time_scale", "settings", "components"}
+TeacherSpec = dict  # {"name", "family", "pipeline", "hub_ids", "settings", "components"} (+ "time_scale")
 MODEL_KEYS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def shipped_specs() -> dict[str, TeacherSpec]:
     """Every shipped teacher spec, by file stem (e.g. ``"sd3-medium"``)."""
-    folder = resources.files("sidflow") / "configs" / "teachers"
-    return {Path(entry.name).stem: json.loads(entry.read_text())
-            for entry in folder.iterdir() if entry.name.endswith(".json")}
+    folder = resources.files("sidflow.teachers") / "shipped"
+    return {
+        Path(entry.name).stem: json.loads(entry.read_text())
+        for entry in folder.iterdir()
+        if entry.name.endswith(".json")
+    }
 
 
 def shipped_config(hub_id_or_stem: str) -> TeacherSpec | None:
@@ -54,8 +57,15 @@ def spec_from_folder(folder: Path, family: str, time_scale: float) -> TeacherSpe
             if not config_path.is_file():
                 raise TeacherLoadError(f"{folder} lacks {name}/{config_path.name}; re-save the pipeline")
             components[name] = [entry[0], entry[1], json.loads(config_path.read_text())]
-    return {"name": str(folder), "family": family, "pipeline": index.get("_class_name", "?"),
-            "hub_ids": [], "time_scale": time_scale, "settings": {}, "components": components}
+    return {
+        "name": str(folder),
+        "family": family,
+        "pipeline": index.get("_class_name", "?"),
+        "hub_ids": [],
+        "time_scale": time_scale,
+        "settings": {},
+        "components": components,
+    }
 
 
 def meta_model(library: str, class_name: str, config: dict) -> nn.Module:

@@ -18,21 +18,23 @@ Training-memory estimate for full SiD distillation (spec 2, 6.3), ``P`` = transf
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from sidflow.errors import TeacherLoadError
 from sidflow.teachers.base import check_resolution
 from sidflow.teachers.configs import MODEL_KEYS, TeacherSpec, count_params, meta_model
+from sidflow.teachers.families import FAMILIES
 
 __all__ = ["describe", "RESOLUTIONS", "ACT_BYTES_PER_TOKEN_WIDTH_BLOCK", "FORWARDS_WITH_GRAD"]
 
 RESOLUTIONS = (256, 512, 1024)
 ACT_BYTES_PER_TOKEN_WIDTH_BLOCK = 34
 FORWARDS_WITH_GRAD = 5
-DEFAULT_TEXT_TOKENS = {"sd3": 77, "sd35": 77, "flux": 512, "sana": 300, "sana_sprint": 300}
 
 
 def _vae_factor(config: dict) -> int:
     channels = config.get("block_out_channels") or config.get("encoder_block_out_channels")
-    return 2 ** (len(channels) - 1)
+    return 2 ** (len(cast(list[int], channels)) - 1)
 
 
 def _transformer_geometry(family: str, config: dict) -> tuple[int, int, int]:
@@ -45,7 +47,7 @@ def _transformer_geometry(family: str, config: dict) -> tuple[int, int, int]:
 
 def _text_shape(family: str, spec: TeacherSpec, tf: dict) -> tuple[int, int, int, int]:
     """(text tokens fed to the transformer, width, pooled width, mask bytes per token)."""
-    tokens = int(spec.get("settings", {}).get("max_sequence_length", DEFAULT_TEXT_TOKENS[family]))
+    tokens = int(spec.get("settings", {}).get("max_sequence_length", FAMILIES[family].max_sequence_length))
     if family in ("sd3", "sd35"):
         return 77 + tokens, int(tf["joint_attention_dim"]), int(tf["pooled_projection_dim"]), 0
     if family == "flux":
@@ -73,7 +75,7 @@ def describe(spec: TeacherSpec, resolutions: tuple[int, ...] = RESOLUTIONS) -> d
     cache_bytes = 4 * (text_tokens * width + pooled) + mask_bytes * text_tokens  # cached in fp32
     big_p = params["transformer"]
     text_params = sum(v for k, v in params.items() if k.startswith("text_encoder"))
-    per_res = {}
+    per_res: dict[int, dict[str, Any] | None] = {}
     for res in resolutions:
         lat = _latents(family, vae, vae_factor, token_factor, res)
         if lat is None:
@@ -87,8 +89,18 @@ def describe(spec: TeacherSpec, resolutions: tuple[int, ...] = RESOLUTIONS) -> d
         "fp32_amp": {"networks": 36 * big_p, "aux": 2 * text_params + 4 * params["vae"]},
         "pure_bf16": {"networks": 18 * big_p, "aux": 2 * text_params + 2 * params["vae"]},
     }
-    return {"name": spec["name"], "family": family, "pipeline": spec["pipeline"],
-            "time_scale": spec["time_scale"], "params": params, "vae_factor": vae_factor,
-            "token_factor": token_factor, "inner_width": inner, "blocks": blocks,
-            "text_tokens": text_tokens, "cache_bytes_per_prompt": cache_bytes, "resolutions": per_res,
-            "memory": memory}
+    return {
+        "name": spec["name"],
+        "family": family,
+        "pipeline": spec["pipeline"],
+        "time_scale": spec.get("time_scale", FAMILIES[family].time_scale),
+        "params": params,
+        "vae_factor": vae_factor,
+        "token_factor": token_factor,
+        "inner_width": inner,
+        "blocks": blocks,
+        "text_tokens": text_tokens,
+        "cache_bytes_per_prompt": cache_bytes,
+        "resolutions": per_res,
+        "memory": memory,
+    }

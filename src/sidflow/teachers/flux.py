@@ -15,19 +15,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sidflow.denoiser import Cond
-from sidflow.guidance import EMBEDDED_GUIDANCE_KEY
+from sidflow.core.denoiser import Cond
+from sidflow.core.guidance import EMBEDDED_GUIDANCE_KEY
 from sidflow.teachers.base import (
     TeacherBase,
     TransformerDenoiser,
     load_component,
     prepare_pipeline,
 )
+from sidflow.teachers.families import FAMILIES
 
 __all__ = ["FluxDenoiser", "FluxTeacher", "load", "pack_latents", "unpack_latents", "image_ids"]
 
@@ -59,23 +61,33 @@ def image_ids(h_tokens: int, w_tokens: int, device, dtype) -> Tensor:
 class FluxDenoiser(TransformerDenoiser):
     """Wraps ``FluxTransformer2DModel``: packing, position ids, embedded guidance."""
 
-    def __init__(self, transformer: nn.Module, time_scale: float = 1.0,
-                 embedded_guidance: float = 1.0) -> None:
+    fsdp_blocks = FAMILIES["flux"].fsdp_blocks
+
+    def __init__(
+        self, transformer: nn.Module, time_scale: float = FAMILIES["flux"].time_scale, embedded_guidance: float = 1.0
+    ) -> None:
         super().__init__(transformer, time_scale)
         self.embedded_guidance = float(embedded_guidance)
 
     def _forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
         b, _, h, w = x.shape
         guidance = None
-        if self.transformer.config.guidance_embeds:  # FLUX-dev; schnell has no guidance embedder
+        # FLUX-dev; schnell has no guidance embedder (config: a diffusers ConfigMixin attribute)
+        if cast(Any, self.transformer).config.guidance_embeds:
             value = float(cond.meta.get(EMBEDDED_GUIDANCE_KEY, self.embedded_guidance))
             guidance = torch.full((b,), value, device=x.device, dtype=torch.float32)
         embeds = cond["prompt_embeds"]
         txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=x.dtype)
-        out = self.transformer(hidden_states=pack_latents(x), timestep=(self.time_scale * t).to(x.dtype),
-                               guidance=guidance, pooled_projections=cond["pooled_prompt_embeds"],
-                               encoder_hidden_states=embeds, txt_ids=txt_ids,
-                               img_ids=image_ids(h // 2, w // 2, x.device, x.dtype), return_dict=False)[0]
+        out = self.transformer(
+            hidden_states=pack_latents(x),
+            timestep=(self.time_scale * t).to(x.dtype),
+            guidance=guidance,
+            pooled_projections=cond["pooled_prompt_embeds"],
+            encoder_hidden_states=embeds,
+            txt_ids=txt_ids,
+            img_ids=image_ids(h // 2, w // 2, x.device, x.dtype),
+            return_dict=False,
+        )[0]
         return unpack_latents(out, h, w)
 
 
@@ -92,18 +104,32 @@ class FluxTeacher(TeacherBase):
 
     family = "flux"
 
-    def __init__(self, pipe, *, time_scale: float = 1.0, max_sequence_length: int = 512,
-                 embedded_guidance: float = 1.0, name: str = "flux",
-                 device: torch.device | str = "cpu") -> None:
-        super().__init__(pipe, FluxDenoiser(pipe.transformer, time_scale, embedded_guidance), name=name,
-                         device=device, vae_factor=pipe.vae_scale_factor, token_factor=2)
+    def __init__(
+        self,
+        pipe,
+        *,
+        time_scale: float = FAMILIES["flux"].time_scale,
+        max_sequence_length: int = FAMILIES["flux"].max_sequence_length,
+        embedded_guidance: float = 1.0,
+        name: str = "flux",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__(
+            pipe,
+            FluxDenoiser(pipe.transformer, time_scale, embedded_guidance),
+            name=name,
+            device=device,
+            vae_factor=pipe.vae_scale_factor,
+            token_factor=2,
+        )
         self.max_sequence_length = int(max_sequence_length)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
         """``{"prompt_embeds" [B, L, D_T5], "pooled_prompt_embeds" [B, 768]}`` in fp32 (``""`` included)."""
-        embeds, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=self.text_device,
-                                                    max_sequence_length=self.max_sequence_length)
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, device=self.text_device, max_sequence_length=self.max_sequence_length
+        )
         return Cond({"prompt_embeds": embeds.float(), "pooled_prompt_embeds": pooled.float()}).to(self.device)
 
     def _set_timesteps(self, scheduler, num_steps: int, latent_shape: tuple[int, int, int]) -> None:
@@ -111,19 +137,29 @@ class FluxTeacher(TeacherBase):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         seq_len = (latent_shape[1] // 2) * (latent_shape[2] // 2)
-        mu = calculate_shift(seq_len, scheduler.config.get("base_image_seq_len", 256),
-                             scheduler.config.get("max_image_seq_len", 4096),
-                             scheduler.config.get("base_shift", 0.5), scheduler.config.get("max_shift", 1.15))
+        mu = calculate_shift(
+            seq_len,
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
 
 
-def load(source: str | Path, *, name: str, time_scale: float, dtype: torch.dtype = torch.float32,
-         text_encoder_dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-         max_sequence_length: int = 512) -> FluxTeacher:
+def load(
+    source: str | Path,
+    *,
+    name: str,
+    time_scale: float,
+    dtype: torch.dtype = torch.float32,
+    text_encoder_dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    max_sequence_length: int = FAMILIES["flux"].max_sequence_length,
+) -> FluxTeacher:
     """Load with diffusers' ``FluxPipeline.from_pretrained`` (hub id or local folder)."""
     from diffusers import FluxPipeline
 
     pipe = load_component(lambda: FluxPipeline.from_pretrained(str(source), dtype=dtype), "pipeline", name)
     prepare_pipeline(pipe, device, text_encoder_dtype)
-    return FluxTeacher(pipe, time_scale=time_scale, max_sequence_length=max_sequence_length, name=name,
-                       device=device)
+    return FluxTeacher(pipe, time_scale=time_scale, max_sequence_length=max_sequence_length, name=name, device=device)

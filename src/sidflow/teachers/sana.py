@@ -17,13 +17,15 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from sidflow.denoiser import Cond
+from sidflow.core.denoiser import Cond
 from sidflow.errors import TeacherLoadError
 from sidflow.teachers.base import TeacherBase, TransformerDenoiser, load_component, prepare_pipeline
+from sidflow.teachers.families import FAMILIES
 
 __all__ = ["SanaDenoiser", "SanaTeacher", "load", "default_complex_human_instruction"]
 
@@ -40,17 +42,25 @@ def default_complex_human_instruction() -> list[str]:
 class SanaDenoiser(TransformerDenoiser):
     """Wraps ``SanaTransformer2DModel``: ``v = transformer(x_t, embeds, mask, time_scale * t)``."""
 
+    fsdp_blocks = FAMILIES["sana"].fsdp_blocks
+
     def __init__(self, transformer: nn.Module, time_scale: float) -> None:
-        if transformer.config.guidance_embeds:
-            raise TeacherLoadError("this SANA transformer has a guidance embedder (guidance_embeds=True), "
-                                   "which the SiD teacher path never feeds; use a Sprint *teacher* "
-                                   "checkpoint without it")
+        if cast(Any, transformer).config.guidance_embeds:  # a diffusers ConfigMixin attribute
+            raise TeacherLoadError(
+                "this SANA transformer has a guidance embedder (guidance_embeds=True), "
+                "which the SiD teacher path never feeds; use a Sprint *teacher* "
+                "checkpoint without it"
+            )
         super().__init__(transformer, time_scale)
 
     def _forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        return self.transformer(x, encoder_hidden_states=cond["prompt_embeds"],
-                                encoder_attention_mask=cond["prompt_attention_mask"],
-                                timestep=self.time_scale * t, return_dict=False)[0]
+        return self.transformer(
+            x,
+            encoder_hidden_states=cond["prompt_embeds"],
+            encoder_attention_mask=cond["prompt_attention_mask"],
+            timestep=self.time_scale * t,
+            return_dict=False,
+        )[0]
 
 
 class SanaTeacher(TeacherBase):
@@ -67,19 +77,51 @@ class SanaTeacher(TeacherBase):
 
     family = "sana"
 
-    def __init__(self, pipe, *, time_scale: float, max_sequence_length: int = 300,
-                 complex_human_instruction: list[str] | None = None, sprint: bool = False,
-                 name: str = "sana", device: torch.device | str = "cpu") -> None:
-        super().__init__(pipe, SanaDenoiser(pipe.transformer, time_scale), name=name, device=device,
-                         vae_factor=pipe.vae_scale_factor, token_factor=pipe.transformer.config.patch_size)
+    def __init__(
+        self,
+        pipe,
+        *,
+        time_scale: float,
+        max_sequence_length: int = FAMILIES["sana"].max_sequence_length,
+        complex_human_instruction: list[str] | None = None,
+        sprint: bool = False,
+        name: str = "sana",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__(
+            pipe,
+            SanaDenoiser(pipe.transformer, time_scale),
+            name=name,
+            device=device,
+            vae_factor=pipe.vae_scale_factor,
+            token_factor=pipe.transformer.config.patch_size,
+        )
         self.max_sequence_length = int(max_sequence_length)
-        self.complex_human_instruction = (default_complex_human_instruction()
-                                          if complex_human_instruction is None else complex_human_instruction)
+        self.complex_human_instruction = (
+            default_complex_human_instruction() if complex_human_instruction is None else complex_human_instruction
+        )
         self.family = "sana_sprint" if sprint else "sana"
 
+    def encoder_settings(self) -> dict:
+        """The base settings plus the CHI preamble, which changes every non-empty prompt's embedding."""
+        return {**super().encoder_settings(), "complex_human_instruction": self.complex_human_instruction}
+
+    def scheduler(self):
+        """SANA ships DPM-Solver in flow mode; the equivalent ``FlowMatchEulerDiscreteScheduler``
+        keeps its flow shift (the Euler sampler and the export use it)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        config = dict(self.pipe.scheduler.config)
+        if type(self.pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
+            return FlowMatchEulerDiscreteScheduler.from_config(config)
+        return FlowMatchEulerDiscreteScheduler.from_config({"shift": float(config.get("flow_shift") or 1.0)})
+
     def _encode(self, prompts: list[str], chi: list[str] | None) -> tuple[Tensor, Tensor]:
-        kwargs = {"device": self.text_device, "max_sequence_length": self.max_sequence_length,
-                  "complex_human_instruction": chi}
+        kwargs = {
+            "device": self.text_device,
+            "max_sequence_length": self.max_sequence_length,
+            "complex_human_instruction": chi,
+        }
         if "do_classifier_free_guidance" in inspect.signature(self.pipe.encode_prompt).parameters:
             kwargs["do_classifier_free_guidance"] = False  # SanaPipeline; SanaSprintPipeline has no CFG
         out = self.pipe.encode_prompt(prompts, **kwargs)
@@ -99,23 +141,42 @@ class SanaTeacher(TeacherBase):
             embeds, mask = self._encode([""], None)
             parts.update({i: (embeds[0], mask[0]) for i in empty})
         rows = [parts[i] for i in range(len(prompts))]
-        return Cond({"prompt_embeds": torch.stack([r[0] for r in rows]),
-                     "prompt_attention_mask": torch.stack([r[1] for r in rows])}).to(self.device)
+        return Cond(
+            {
+                "prompt_embeds": torch.stack([r[0] for r in rows]),
+                "prompt_attention_mask": torch.stack([r[1] for r in rows]),
+            }
+        ).to(self.device)
 
 
-def load(source: str | Path, *, name: str, time_scale: float, sprint: bool = False,
-         dtype: torch.dtype = torch.float32, text_encoder_dtype: torch.dtype | None = None,
-         device: torch.device | str = "cpu", max_sequence_length: int = 300,
-         complex_human_instruction: list[str] | None = None) -> SanaTeacher:
+def load(
+    source: str | Path,
+    *,
+    name: str,
+    time_scale: float,
+    sprint: bool = False,
+    dtype: torch.dtype = torch.float32,
+    text_encoder_dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    max_sequence_length: int = FAMILIES["sana"].max_sequence_length,
+    complex_human_instruction: list[str] | None = None,
+) -> SanaTeacher:
     """Load with diffusers' ``from_pretrained`` of the folder's own SANA pipeline class."""
     from diffusers import DiffusionPipeline
 
-    pipe = load_component(lambda: DiffusionPipeline.from_pretrained(str(source), dtype=dtype), "pipeline",
-                          name)
+    pipe = load_component(lambda: DiffusionPipeline.from_pretrained(str(source), dtype=dtype), "pipeline", name)
     if sprint and pipe.transformer.config.guidance_embeds:
-        raise TeacherLoadError(f"{name} is a SANA-Sprint checkpoint with a guidance embedder; SiD needs the "
-                               "Sprint *teacher* checkpoint (guidance_embeds=False)")
+        raise TeacherLoadError(
+            f"{name} is a SANA-Sprint checkpoint with a guidance embedder; SiD needs the "
+            "Sprint *teacher* checkpoint (guidance_embeds=False)"
+        )
     prepare_pipeline(pipe, device, text_encoder_dtype)
-    return SanaTeacher(pipe, time_scale=time_scale, max_sequence_length=max_sequence_length,
-                       complex_human_instruction=complex_human_instruction, sprint=sprint, name=name,
-                       device=device)
+    return SanaTeacher(
+        pipe,
+        time_scale=time_scale,
+        max_sequence_length=max_sequence_length,
+        complex_human_instruction=complex_human_instruction,
+        sprint=sprint,
+        name=name,
+        device=device,
+    )

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sidflow.denoiser import Cond
+from sidflow.core.denoiser import Cond
 from sidflow.teachers.base import (
     TeacherBase,
     TransformerDenoiser,
@@ -25,6 +25,7 @@ from sidflow.teachers.base import (
     prepare_pipeline,
     read_model_index,
 )
+from sidflow.teachers.families import FAMILIES
 
 __all__ = ["SD3Denoiser", "SD3Teacher", "load"]
 
@@ -34,10 +35,16 @@ NEEDED = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_
 class SD3Denoiser(TransformerDenoiser):
     """Wraps ``SD3Transformer2DModel``: ``v = transformer(x_t, time_scale * t, embeds, pooled)``."""
 
+    fsdp_blocks = FAMILIES["sd3"].fsdp_blocks
+
     def _forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        return self.transformer(hidden_states=x, timestep=self.time_scale * t,
-                                encoder_hidden_states=cond["prompt_embeds"],
-                                pooled_projections=cond["pooled_prompt_embeds"], return_dict=False)[0]
+        return self.transformer(
+            hidden_states=x,
+            timestep=self.time_scale * t,
+            encoder_hidden_states=cond["prompt_embeds"],
+            pooled_projections=cond["pooled_prompt_embeds"],
+            return_dict=False,
+        )[0]
 
 
 class SD3Teacher(TeacherBase):
@@ -53,10 +60,23 @@ class SD3Teacher(TeacherBase):
 
     family = "sd3"
 
-    def __init__(self, pipe, *, time_scale: float = 1000.0, max_sequence_length: int = 77, name: str = "sd3",
-                 device: torch.device | str = "cpu") -> None:
-        super().__init__(pipe, SD3Denoiser(pipe.transformer, time_scale), name=name, device=device,
-                         vae_factor=pipe.vae_scale_factor, token_factor=pipe.transformer.config.patch_size)
+    def __init__(
+        self,
+        pipe,
+        *,
+        time_scale: float = FAMILIES["sd3"].time_scale,
+        max_sequence_length: int = FAMILIES["sd3"].max_sequence_length,
+        name: str = "sd3",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__(
+            pipe,
+            SD3Denoiser(pipe.transformer, time_scale),
+            name=name,
+            device=device,
+            vae_factor=pipe.vae_scale_factor,
+            token_factor=pipe.transformer.config.patch_size,
+        )
         self.max_sequence_length = int(max_sequence_length)
 
     @torch.no_grad()
@@ -67,8 +87,13 @@ class SD3Teacher(TeacherBase):
         encoding of ``""``, not zeros; spec 2.2).
         """
         embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.text_device,
-            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
+            prompt=list(prompts),
+            prompt_2=None,
+            prompt_3=None,
+            device=self.text_device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
         return Cond({"prompt_embeds": embeds.float(), "pooled_prompt_embeds": pooled.float()}).to(self.device)
 
     def _set_timesteps(self, scheduler, num_steps: int, latent_shape: tuple[int, int, int]) -> None:
@@ -79,16 +104,26 @@ class SD3Teacher(TeacherBase):
         if scheduler.config.get("use_dynamic_shifting", None):
             patch = self.token_factor
             seq_len = (latent_shape[1] // patch) * (latent_shape[2] // patch)
-            kwargs["mu"] = calculate_shift(seq_len, scheduler.config.get("base_image_seq_len", 256),
-                                           scheduler.config.get("max_image_seq_len", 4096),
-                                           scheduler.config.get("base_shift", 0.5),
-                                           scheduler.config.get("max_shift", 1.16))
+            kwargs["mu"] = calculate_shift(
+                seq_len,
+                scheduler.config.get("base_image_seq_len", 256),
+                scheduler.config.get("max_image_seq_len", 4096),
+                scheduler.config.get("base_shift", 0.5),
+                scheduler.config.get("max_shift", 1.16),
+            )
         scheduler.set_timesteps(num_steps, **kwargs)
 
 
-def load(source: str | Path, *, name: str, time_scale: float, dtype: torch.dtype = torch.float32,
-             text_encoder_dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-             max_sequence_length: int = 77) -> SD3Teacher:
+def load(
+    source: str | Path,
+    *,
+    name: str,
+    time_scale: float,
+    dtype: torch.dtype = torch.float32,
+    text_encoder_dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    max_sequence_length: int = FAMILIES["sd3"].max_sequence_length,
+) -> SD3Teacher:
     """Load with diffusers' ``StableDiffusion3Pipeline.from_pretrained`` (hub id or local folder)."""
     from diffusers import StableDiffusion3Pipeline
 
@@ -98,8 +133,8 @@ def load(source: str | Path, *, name: str, time_scale: float, dtype: torch.dtype
     if Path(source).is_dir():
         index = read_model_index(Path(source))
         absent = {k: None for k, v in index.items() if isinstance(v, list) and v[:1] == [None]}
-    pipe = load_component(lambda: StableDiffusion3Pipeline.from_pretrained(str(source), dtype=dtype, **absent),
-                          "pipeline", name)
+    pipe = load_component(
+        lambda: StableDiffusion3Pipeline.from_pretrained(str(source), dtype=dtype, **absent), "pipeline", name
+    )
     prepare_pipeline(pipe, device, text_encoder_dtype)
-    return SD3Teacher(pipe, time_scale=time_scale, max_sequence_length=max_sequence_length, name=name,
-                      device=device)
+    return SD3Teacher(pipe, time_scale=time_scale, max_sequence_length=max_sequence_length, name=name, device=device)

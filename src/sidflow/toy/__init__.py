@@ -6,8 +6,15 @@ teacher do), and the energy distance to fresh mixture samples measures the disti
 """
 
 from sidflow.toy.energy import energy_distance
-from sidflow.toy.gmm import GaussianMixture, GMMCondSource, GMMDenoiser, euler_sample, make_mixture
+from sidflow.toy.gmm import GaussianMixture, GMMCondSource, GMMDenoiser, make_mixture
 from sidflow.toy.mlp import MLPDenoiser, fit_to_teacher
 
-__all__ = ["GaussianMixture", "GMMCondSource", "GMMDenoiser", "MLPDenoiser", "energy_distance",
-           "euler_sample", "fit_to_teacher", "make_mixture"]
+__all__ = [
+    "GaussianMixture",
+    "GMMCondSource",
+    "GMMDenoiser",
+    "MLPDenoiser",
+    "energy_distance",
+    "fit_to_teacher",
+    "make_mixture",
+]

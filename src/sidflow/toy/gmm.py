@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sidflow import rng
-from sidflow.denoiser import Cond
-from sidflow.flow import velocity_from_x0
+from sidflow.core import rng
+from sidflow.core.denoiser import Cond
+from sidflow.core.flow import velocity_from_x0
 
-__all__ = ["GaussianMixture", "make_mixture", "GMMDenoiser", "GMMCondSource", "euler_sample"]
+__all__ = ["GaussianMixture", "make_mixture", "GMMDenoiser", "GMMCondSource"]
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,8 @@ class GaussianMixture:
     means: Tensor
     std: float
     class_weights: Tensor
-    shape: tuple[int, ...]   # per-sample shape, prod(shape) == D
-    owner: Tensor            # [M] the class each component belongs to (for class-share metrics)
+    shape: tuple[int, ...]  # per-sample shape, prod(shape) == D
+    owner: Tensor  # [M] the class each component belongs to (for class-share metrics)
 
     @property
     def num_classes(self) -> int:
@@ -87,21 +87,20 @@ class GMMDenoiser(nn.Module):
         m = self.mixture
         x = x_t.reshape(x_t.shape[0], -1).to(torch.float64)
         tt = t.to(torch.float64).view(-1, 1)
-        mu = m.means.to(x)                                         # [M, D]
-        var_t = (1 - tt) ** 2 * m.std**2 + tt**2                   # [B, 1]
+        mu = m.means.to(x)  # [M, D]
+        var_t = (1 - tt) ** 2 * m.std**2 + tt**2  # [B, 1]
         dist2 = ((x[:, None, :] - (1 - tt)[:, None] * mu[None]) ** 2).sum(-1)  # [B, M]
         logits = torch.log(m.weights(labels).to(x)) - dist2 / (2 * var_t)
-        r = torch.softmax(logits, dim=1)                           # posterior over components
-        shrink = (1 - tt) * m.std**2 / var_t                       # [B, 1]
+        r = torch.softmax(logits, dim=1)  # posterior over components
+        shrink = (1 - tt) * m.std**2 / var_t  # [B, 1]
         post = mu[None] + shrink[:, None] * (x[:, None, :] - (1 - tt)[:, None] * mu[None])
         return (r[..., None] * post).sum(1).reshape(x_t.shape)
 
-    def velocity(self, x_t: Tensor, t: Tensor, cond: Cond, *, features: bool = False) -> Tensor:
-        if features:
-            raise NotImplementedError("the analytic teacher has no discriminator features")
+    def velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         x0 = self.x0(x_t, t, cond["label"])
         return velocity_from_x0(x_t.to(torch.float64), x0, t.to(torch.float64)).to(
-            torch.promote_types(x_t.dtype, torch.float32))
+            torch.promote_types(x_t.dtype, torch.float32)
+        )
 
 
 class GMMCondSource:
@@ -117,14 +116,3 @@ class GMMCondSource:
 
     def uncond(self, batch_size: int) -> Cond:
         return Cond({"label": torch.full((batch_size,), self.num_classes, dtype=torch.long)})
-
-
-@torch.no_grad()
-def euler_sample(denoiser: nn.Module, z: Tensor, cond: Cond, num_steps: int) -> Tensor:
-    """Euler integration of the RF ODE from ``t = 1`` to ``t = 0`` on a uniform grid."""
-    ts = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-    x = z
-    for i in range(num_steps):
-        t = torch.full((z.shape[0],), float(ts[i]), dtype=z.dtype)
-        x = x + float(ts[i + 1] - ts[i]) * denoiser.velocity(x, t, cond).to(z.dtype)
-    return x

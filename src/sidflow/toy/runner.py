@@ -16,17 +16,18 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm import tqdm
 
-from sidflow.checkpoint import save_checkpoint
 from sidflow.config import SiDConfig, to_dict
-from sidflow.denoiser import Cond
-from sidflow.generator import generator_step_times, sample_generator
+from sidflow.core.denoiser import Cond, Denoiser
+from sidflow.core.generator import generate, generator_step_times
+from sidflow.core.sampling import euler_sample
+from sidflow.run.checkpoint import save_checkpoint
 from sidflow.toy.energy import energy_distance
-from sidflow.toy.gmm import GaussianMixture, GMMCondSource, GMMDenoiser, euler_sample, make_mixture
+from sidflow.toy.gmm import GaussianMixture, GMMCondSource, GMMDenoiser, make_mixture
 from sidflow.toy.mlp import MLPDenoiser, fit_to_teacher
 from sidflow.trainer import SiDTrainer, generator_state_dict
 
@@ -61,20 +62,32 @@ class GMMEvaluator:
         share = torch.bincount(comp, minlength=m).double() / self.n
         expected = self.mixture.weights(self.labels).double().mean(0)
         ratio = share / expected
-        return {"energy_distance": energy_distance(x, self.reference),
-                "component_share_min": float(ratio.min()), "component_share_max": float(ratio.max()),
-                "prompted_class_share": float((self.mixture.owner[comp] == self.labels).double().mean())}
+        return {
+            "energy_distance": energy_distance(x, self.reference),
+            "component_share_min": float(ratio.min()),
+            "component_share_max": float(ratio.max()),
+            "prompted_class_share": float((self.mixture.owner[comp] == self.labels).double().mean()),
+        }
 
     @torch.no_grad()
     def generator(self, net: torch.nn.Module, config: SiDConfig, k: int | None = None) -> dict[str, float]:
         gc = config.generator
         times = generator_step_times(gc.num_steps, gc.t_init, gc.shift)
-        x = sample_generator(net, self.z, Cond({"label": self.labels}), k=k or gc.num_steps,
-                             step_times=times, noise_type=gc.noise_type, fresh_noise=self.fresh)
+        x = generate(
+            cast(Denoiser, net),  # a Denoiser module (the generator's copy)
+            Cond({"label": self.labels}),
+            self.mixture.shape,
+            steps=k or gc.num_steps,
+            step_times=times,
+            noise_type=gc.noise_type,
+            z=self.z,
+            fresh_noise=self.fresh,
+        )
         return self.score(x)
 
     def teacher(self, teacher: GMMDenoiser, steps: int) -> dict[str, float]:
-        return self.score(euler_sample(teacher, self.z, Cond({"label": self.labels}), steps))
+        sigmas = torch.linspace(1.0, 0.0, steps + 1)  # uniform Euler steps from noise to data
+        return self.score(euler_sample(teacher, self.z, sigmas, Cond({"label": self.labels})))
 
 
 @functools.lru_cache(maxsize=4)
@@ -87,45 +100,71 @@ def _fitted_mlp(kind: str, seed: int, steps: int) -> tuple[MLPDenoiser, float]:
     return mlp, fit_err
 
 
-def build_gmm_trainer(config: SiDConfig, fit_steps: int = FIT_STEPS
-                      ) -> tuple[SiDTrainer, GaussianMixture, float]:
+def build_gmm_trainer(config: SiDConfig, fit_steps: int = FIT_STEPS) -> tuple[SiDTrainer, GaussianMixture, float]:
     """Exact teacher, MLP fitted to it (seeded by ``train.seed``), copies as fake and generator."""
     mixture = make_mixture(config.teacher.path)
     mlp, fit_err = _fitted_mlp(config.teacher.path, config.train.seed, fit_steps)
-    trainer = SiDTrainer(GMMDenoiser(mixture), copy.deepcopy(mlp), copy.deepcopy(mlp),
-                         GMMCondSource(mixture.num_classes), mixture.shape, config)
+    trainer = SiDTrainer(
+        GMMDenoiser(mixture),
+        copy.deepcopy(mlp),
+        copy.deepcopy(mlp),
+        GMMCondSource(mixture.num_classes),
+        mixture.shape,
+        config,
+    )
     return trainer, mixture, fit_err
 
 
-def run_gmm(config: SiDConfig, run_dir: Path, *, progress: bool = True, eval_points: int = 8,
-            eval_n: int = 4000, fit_steps: int = FIT_STEPS) -> dict[str, Any]:
+def run_gmm(
+    config: SiDConfig,
+    run_dir: Path,
+    *,
+    progress: bool = True,
+    eval_points: int = 8,
+    eval_n: int = 4000,
+    fit_steps: int = FIT_STEPS,
+) -> dict[str, Any]:
     """Distil, evaluate ``eval_points`` times, checkpoint, write ``metrics.json``; returns the metrics."""
     start = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer, mixture, fit_err = build_gmm_trainer(config, fit_steps)
     evaluator = GMMEvaluator(mixture, n=eval_n)
-    eval_net = copy.deepcopy(trainer.generator)
+    eval_net = cast(torch.nn.Module, copy.deepcopy(trainer.generator))  # an MLPDenoiser
     total = config.train.num_steps()
     every = max(total // max(eval_points, 1), 1)
     history = []
     bar = tqdm(range(total), desc=f"sid {config.name}", disable=not progress, mininterval=1.0)
     for it in bar:
         m = trainer.step()
-        bar.set_postfix(loss_fake=f"{m['loss_fake']:.3f}", loss_gen=f"{m['loss_gen']:.3f}", k=m["k"],
-                        refresh=False)
         if (it + 1) % every == 0 or it + 1 == total:
+            loss_fake, loss_gen = float(m["loss_fake"]), float(m["loss_gen"])  # host read at eval points only
+            bar.set_postfix(loss_fake=f"{loss_fake:.3f}", loss_gen=f"{loss_gen:.3f}", k=m["k"], refresh=False)
             eval_net.load_state_dict(generator_state_dict(trainer))
-            history.append({"iteration": it + 1, "loss_fake": m["loss_fake"], "loss_gen": m["loss_gen"],
-                            **evaluator.generator(eval_net, config)})
+            history.append(
+                {
+                    "iteration": it + 1,
+                    "loss_fake": loss_fake,
+                    "loss_gen": loss_gen,
+                    **evaluator.generator(eval_net, config),
+                }
+            )
         ce = config.train.ckpt_every
         if ce and (it + 1) % ce == 0 and it + 1 < total:
             save_checkpoint(run_dir, it + 1, trainer.state_dict(), to_dict(config))
     save_checkpoint(run_dir, total, trainer.state_dict(), to_dict(config))
-    teacher = {s: evaluator.teacher(trainer.teacher, s) for s in TEACHER_STEPS}  # same z, labels, ref
-    metrics = {"config": config.name, "mixture": config.teacher.path, "eval_samples": eval_n,
-               "mlp_fit_x0_mse": fit_err, "history": history, "final": history[-1],
-               "teacher_euler": {str(s): v for s, v in teacher.items()},
-               "nonfinite_total": trainer.nonfinite_total, "seconds": time.perf_counter() - start}
+    gmm_teacher = cast(GMMDenoiser, trainer.teacher)  # built by build_gmm_trainer
+    teacher = {s: evaluator.teacher(gmm_teacher, s) for s in TEACHER_STEPS}  # same z, labels, ref
+    metrics = {
+        "config": config.name,
+        "mixture": config.teacher.path,
+        "eval_samples": eval_n,
+        "mlp_fit_x0_mse": fit_err,
+        "history": history,
+        "final": history[-1],
+        "teacher_euler": {str(s): v for s, v in teacher.items()},
+        "nonfinite_total": trainer.nonfinite_total,
+        "seconds": time.perf_counter() - start,
+    }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 
@@ -134,11 +173,15 @@ def format_table(metrics: dict[str, Any]) -> str:
     """Plain-text table: energy distance against iteration, then the teacher's Euler sampler."""
     lines = [f"{'sampler':<28}{'energy distance':>16}{'comp share min-max':>22}{'prompted':>10}"]
     for row in metrics["history"]:
-        lines.append(f"{'student it ' + str(row['iteration']):<28}{row['energy_distance']:>16.5f}"
-                     f"{row['component_share_min']:>12.2f}-{row['component_share_max']:<9.2f}"
-                     f"{row['prompted_class_share']:>10.3f}")
+        lines.append(
+            f"{'student it ' + str(row['iteration']):<28}{row['energy_distance']:>16.5f}"
+            f"{row['component_share_min']:>12.2f}-{row['component_share_max']:<9.2f}"
+            f"{row['prompted_class_share']:>10.3f}"
+        )
     for steps, row in metrics["teacher_euler"].items():
-        lines.append(f"{'exact teacher Euler ' + steps:<28}{row['energy_distance']:>16.5f}"
-                     f"{row['component_share_min']:>12.2f}-{row['component_share_max']:<9.2f}"
-                     f"{row['prompted_class_share']:>10.3f}")
+        lines.append(
+            f"{'exact teacher Euler ' + steps:<28}{row['energy_distance']:>16.5f}"
+            f"{row['component_share_min']:>12.2f}-{row['component_share_max']:<9.2f}"
+            f"{row['prompted_class_share']:>10.3f}"
+        )
     return "\n".join(lines)

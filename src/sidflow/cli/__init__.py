@@ -1,0 +1,48 @@
+"""The ``sidflow`` command: a thin dispatcher; each subcommand is a module of this package.
+
+Subcommands import lazily so that ``sidflow --help`` and ``sidflow info`` stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from sidflow.errors import SidflowError
+
+__all__ = ["main"]
+
+# name -> (module in sidflow.cli, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "distill": ("distill", "distill a teacher into a 1-4 step generator by SiD (default: bundled teacher)"),
+    "sample": ("sample", "generate images from a finished distillation run"),
+    "info": ("info", "describe a teacher: family, parameter counts, latent shapes, memory estimate"),
+    "teacher": ("teacher", "train the bundled tiny teacher (VAE, transformer, evaluator)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: sidflow <command> [options]", "", "commands:"]
+    lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'sidflow <command> --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"sidflow: unknown command '{name}'; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"sidflow.cli.{COMMANDS[name][0]}")
+    try:
+        return int(module.main(rest) or 0)
+    except KeyboardInterrupt:
+        print("sidflow: interrupted", file=sys.stderr)
+        return 130
+    except SidflowError as err:  # user-facing errors: one line, no traceback
+        print(f"sidflow {name}: error: {err}", file=sys.stderr)
+        return 1

@@ -1,0 +1,131 @@
+"""Extension points of the run layer: runners, evaluations, named teachers and prompt sets.
+
+The run layer never imports the bundled benchmarks; they plug in here. A plugin is a function
+registered under the ``sidflow.plugins`` entry-point group of an installed package (sidflow's own:
+``digits`` and ``gmm``, see ``pyproject.toml``); every lookup loads the plugins once first. A plugin
+calls the ``register_*`` functions below and :func:`sidflow.run.presets.register_preset`.
+
+* runners: ``teacher.kind`` -> ``runner(config, run_dir) -> metrics`` (``"pipeline"``, the diffusers
+  teachers, is :func:`sidflow.run.loop.run_pipeline` and needs no registration);
+* evaluations: ``eval.kind`` -> ``factory(config, teacher, latent_shape, device) -> Evaluation``;
+* teacher aliases: ``teacher.path`` names such as ``"bundled"`` -> a pipeline folder;
+* prompt sets: ``data.prompts=builtin:NAME`` -> a list of prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sidflow.config import SiDConfig
+from sidflow.data.prompts import read_prompt_file
+from sidflow.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from sidflow.eval.protocol import Evaluation
+
+__all__ = [
+    "PLUGIN_GROUP",
+    "load_plugins",
+    "register_runner",
+    "get_runner",
+    "register_evaluation",
+    "make_evaluation",
+    "register_teacher_alias",
+    "resolve_teacher_path",
+    "register_prompt_set",
+    "resolve_prompts",
+    "BUILTIN_PREFIX",
+]
+
+PLUGIN_GROUP = "sidflow.plugins"
+BUILTIN_PREFIX = "builtin:"
+Runner = Callable[[SiDConfig, Path], dict[str, Any]]
+EvaluationFactory = Callable[[SiDConfig, Any, tuple[int, ...], "torch.device"], "Evaluation"]
+
+_RUNNERS: dict[str, Runner] = {}
+_EVALUATIONS: dict[str, EvaluationFactory] = {}
+_TEACHERS: dict[str, Path] = {}
+_PROMPT_SETS: dict[str, Callable[[], list[str]]] = {}
+_loaded = False
+
+
+def load_plugins() -> None:
+    """Run every ``sidflow.plugins`` entry point once (idempotent)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for entry in entry_points(group=PLUGIN_GROUP):
+        entry.load()()
+
+
+def _register(table: dict, kind: str, value: Any, what: str, replace: bool) -> None:
+    if kind in table and not replace:
+        raise ConfigError(f"{what} {kind!r} is already registered")
+    table[kind] = value
+
+
+def _get(table: dict, kind: str, what: str, setting: str) -> Any:
+    load_plugins()
+    if kind not in table:
+        raise ConfigError(f"{setting}={kind!r} is not a known {what}; choose one of: {', '.join(sorted(table))}")
+    return table[kind]
+
+
+def register_runner(kind: str, runner: Runner, *, replace: bool = False) -> None:
+    """Make ``teacher.kind=<kind>`` runnable by ``sidflow distill``."""
+    _register(_RUNNERS, kind, runner, "runner", replace)
+
+
+def get_runner(kind: str) -> Runner:
+    return _get(_RUNNERS, kind, "runner", "teacher.kind")
+
+
+def register_evaluation(kind: str, factory: EvaluationFactory, *, replace: bool = False) -> None:
+    """Make ``eval.kind=<kind>`` available to runs."""
+    _register(_EVALUATIONS, kind, factory, "evaluation", replace)
+
+
+def make_evaluation(
+    config: SiDConfig, teacher: Any, latent_shape: tuple[int, ...], device: torch.device
+) -> Evaluation | None:
+    """The evaluation protocol named by ``eval.kind`` (None for ``"none"``)."""
+    if config.eval.kind == "none":
+        return None
+    factory = _get(_EVALUATIONS, config.eval.kind, "evaluation", "eval.kind")
+    return factory(config, teacher, tuple(latent_shape), device)
+
+
+def register_teacher_alias(name: str, folder: Path, *, replace: bool = False) -> None:
+    """Let ``teacher.path=<name>`` stand for a pipeline folder (e.g. one shipped with a plugin)."""
+    _register(_TEACHERS, name, Path(folder), "teacher alias", replace)
+
+
+def resolve_teacher_path(path: str) -> str:
+    """A registered alias -> its folder; anything else is a folder or a hub id, returned as given."""
+    if not path:
+        raise ConfigError(
+            "teacher.path is empty; give a diffusers pipeline folder or hub id "
+            "(or 'bundled' for the tiny teacher shipped with sidflow)"
+        )
+    load_plugins()
+    return str(_TEACHERS[path]) if path in _TEACHERS else path
+
+
+def register_prompt_set(name: str, prompts: Callable[[], list[str]], *, replace: bool = False) -> None:
+    """Let ``data.prompts=builtin:<name>`` stand for a list of prompts."""
+    _register(_PROMPT_SETS, name, prompts, "prompt set", replace)
+
+
+def resolve_prompts(spec: str) -> list[str]:
+    """``data.prompts``: a text file (one prompt per line) or ``builtin:NAME``."""
+    if not spec:
+        raise ConfigError("data.prompts is empty; give a prompt file (one prompt per line) or builtin:NAME")
+    if spec.startswith(BUILTIN_PREFIX):
+        return list(_get(_PROMPT_SETS, spec.removeprefix(BUILTIN_PREFIX), "prompt set", "data.prompts")())
+    return read_prompt_file(spec)

@@ -1,0 +1,66 @@
+"""Per-family facts, found once: diffusers pipeline classes, time scale, text length, FSDP blocks.
+
+Every other module that needs a family default reads it here (adapters, ``load_teacher``, ``sidflow
+info``, presets, FSDP sharding). Spec 1.1 (time scales), 2 (text encoders), 16 (FSDP units).
+
+* ``time_scale``: the transformer is fed ``time_scale * t``; SD3/SD3.5 and SANA take ``1000 t``, FLUX
+  takes ``t`` (it scales by 1000 inside), the SANA-Sprint teacher's dense time embedding takes ``t``.
+* ``max_sequence_length``: text tokens per prompt (SD3: the T5 part, the reference's 77, on top of
+  77 CLIP tokens; FLUX: T5 512; SANA: Gemma 300).
+* ``fsdp_blocks``: the transformer's block lists, each block one FSDP2 unit (spec 16).
+* ``embedded_guidance``: the transformer takes FLUX-style embedded guidance as an input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sidflow.errors import TeacherLoadError
+
+__all__ = ["Family", "FAMILIES", "PIPELINE_FAMILIES", "get_family"]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    module: str  # adapter module under sidflow.teachers
+    pipeline: str  # the diffusers pipeline class that loads it
+    time_scale: float
+    max_sequence_length: int
+    fsdp_blocks: tuple[str, ...]
+    embedded_guidance: bool = False
+
+
+_BLOCKS = ("transformer_blocks",)
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("sd3", "sd3", "StableDiffusion3Pipeline", 1000.0, 77, _BLOCKS),
+        Family("sd35", "sd3", "StableDiffusion3Pipeline", 1000.0, 77, _BLOCKS),
+        Family(
+            "flux",
+            "flux",
+            "FluxPipeline",
+            1.0,
+            512,
+            ("transformer_blocks", "single_transformer_blocks"),
+            embedded_guidance=True,
+        ),
+        Family("sana", "sana", "SanaPipeline", 1000.0, 300, _BLOCKS),
+        Family("sana_sprint", "sana", "SanaSprintPipeline", 1.0, 300, _BLOCKS),
+    )
+}
+# diffusers pipeline class -> family (SD3.5 checkpoints use the SD3 pipeline class)
+PIPELINE_FAMILIES: dict[str, str] = {
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+    "SanaPipeline": "sana",
+    "SanaSprintPipeline": "sana_sprint",
+}
+
+
+def get_family(name: str) -> Family:
+    """The :class:`Family` called ``name``, or a one-line TeacherLoadError listing the valid ones."""
+    if name not in FAMILIES:
+        raise TeacherLoadError(f"unsupported teacher family '{name}'; choose one of {', '.join(FAMILIES)}")
+    return FAMILIES[name]
