@@ -20,9 +20,10 @@ from sidflow.config import (
     TrainConfig,
 )
 from sidflow.core.denoiser import Cond
+from sidflow.core.schedule import ema_beta, lr_factor
 from sidflow.errors import ConfigError, NonFiniteError
 from sidflow.toy import GMMCondSource, GMMDenoiser, MLPDenoiser, make_mixture
-from sidflow.trainer import SiDTrainer, ema_beta, lr_factor
+from sidflow.trainer import SiDTrainer
 
 D64 = torch.float64
 DIM = 3

@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from sidflow.collectives import all_reduce_mean_, is_distributed, set_gradient_sync, sum_over_ranks
 from sidflow.config import SiDConfig
 from sidflow.core import rng
-from sidflow.core.denoiser import Cond, CondSource, Denoiser, FeatureDenoiser
+from sidflow.core.denoiser import Cond, CondSource, Denoiser, FeatureDenoiser, RealSource
 from sidflow.core.flow import add_noise, t_from_variate, x0_from_velocity
 from sidflow.core.generator import generator_step_times, sample_generator
 from sidflow.core.guidance import (
@@ -58,17 +58,12 @@ from sidflow.core.losses import (
     masked_sum,
     sid_generator_loss,
 )
+from sidflow.core.schedule import ema_beta, lr_factor
 from sidflow.errors import CheckpointError, ConfigError, NonFiniteError
 
-__all__ = ["SiDTrainer", "Draws", "RealSource", "lr_factor", "ema_beta", "generator_state_dict"]
+__all__ = ["SiDTrainer", "Draws", "generator_state_dict"]
 
 INF_CLAMP = 1e5
-
-
-class RealSource(Protocol):
-    """Real latents with their conditioning for SiDA (spec 7), keyed like :class:`CondSource`."""
-
-    def sample(self, *, seed: int, iteration: int, stream: str, indices: Sequence[int]) -> tuple[Tensor, Cond]: ...
 
 
 @dataclass
@@ -501,25 +496,6 @@ class SiDTrainer:
             opt.load_state_dict({"state": state_t, "param_groups": groups})
         self.iteration, self.images_seen = int(scalars["iteration"]), int(scalars["images_seen"])
         self.nonfinite_total = dict(scalars["nonfinite_total"])
-
-
-def ema_beta(batch: int, halflife_kimg: float) -> float:
-    """Per-iteration EMA decay: the weight of the old average halves every ``halflife_kimg``
-    thousand images, so ``beta = 0.5 ** (batch / (1000 halflife_kimg))``."""
-    return 0.5 ** (batch / (halflife_kimg * 1000))
-
-
-def lr_factor(iteration: int, total: int, decay_frac: float, decay_min: float = 0.0) -> float:
-    """Learning-rate multiplier of ``iteration`` (0-based) in a run of ``total``: 1 until the last
-    ``decay_frac`` of the run, then linear down to ``decay_min`` at the last iteration."""
-    decay_iters = decay_frac * total
-    if decay_iters <= 0:
-        return 1.0
-    start = total - decay_iters
-    if iteration < start:
-        return 1.0
-    progress = min((iteration - start + 1) / decay_iters, 1.0)
-    return 1.0 - (1.0 - decay_min) * progress
 
 
 def generator_state_dict(trainer: SiDTrainer, *, ema: bool = True) -> dict[str, Tensor]:

@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["Cond", "CondSource", "Denoiser", "FeatureDenoiser", "PromptEncoder"]
+__all__ = ["Cond", "CondSource", "Denoiser", "FeatureDenoiser", "PromptEncoder", "RealSource"]
 
 
 @dataclass(frozen=True)
@@ -165,3 +165,10 @@ class CondSource(Protocol):
     def uncond(self, batch_size: int) -> Cond:
         """The unconditional conditioning tiled to ``batch_size`` (for CFG's ``[uncond; cond]``)."""
         ...
+
+
+@runtime_checkable
+class RealSource(Protocol):
+    """Real latents with their conditioning for SiDA (spec 7), keyed like :class:`CondSource`."""
+
+    def sample(self, *, seed: int, iteration: int, stream: str, indices: Sequence[int]) -> tuple[Tensor, Cond]: ...
