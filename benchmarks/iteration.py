@@ -118,8 +118,8 @@ def main() -> None:
     for k in range(1, cfg.generator.num_steps + 1):
         iteration = next(i for i in range(10_000) if trainer.k_for(i) == k)
         fake_s = _time(lambda it=iteration: trainer.fake_phase(it), args.repeats)
+        # both phases include their Adam step (and the generator its EMA), as in training
         gen_s = _time(lambda it=iteration: trainer.generator_phase(it), args.repeats)
-        trainer.opt_gen.zero_grad(set_to_none=True)
         fake_bare = k * bare["fwd"] + bare_cfg["fwd_bwd_params"]
         gen_bare = (k - 1) * bare["fwd"] + bare["fwd_bwd_params"] + 2 * bare_cfg["fwd_bwd_input"]
         total = fake_s + gen_s

@@ -111,3 +111,19 @@ def test_distill_unknown_runner_and_registration(tmp_path):
     assert seen["m"] == {"ok": 2.0}
     assert from_json((tmp_path / "config.json").read_text()).loss.alpha == 2.0
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"ok": 2.0}
+
+
+def test_unknown_eval_kind_fails_before_anything_is_loaded():
+    with pytest.raises(ConfigError, match="eval.kind='digit' is not a known evaluation; choose one of: digits"):
+        distill.main(["--dry-run", "eval.kind=digit", "eval.select=final"])
+
+
+def test_registries_resolve_the_plugins_names(tmp_path):
+    assert registry.resolve_teacher_path("bundled").endswith("digits/assets/teacher")
+    assert registry.resolve_teacher_path(str(tmp_path)) == str(tmp_path)  # a folder passes through
+    prompts = registry.resolve_prompts("builtin:digits")
+    assert len(prompts) == 50 and len(set(prompts)) == 50
+    with pytest.raises(ConfigError, match="data.prompts='builtin:nope' is not a known prompt set"):
+        registry.resolve_prompts("builtin:nope")
+    with pytest.raises(ConfigError, match="teacher.path is empty"):
+        registry.resolve_teacher_path("")

@@ -54,8 +54,8 @@ def _validate(obj: Any) -> None:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    kind: str = "gmm"  # runner key in sidflow.cli.distill.RUNNERS ("gmm", ...)
-    path: str = "2d"  # gmm: "2d" | "image"; pipelines: a folder or hub id
+    kind: str = "pipeline"  # "pipeline" (a diffusers teacher) or a plugin's runner (e.g. "gmm")
+    path: str = ""  # a pipeline folder, a hub id or a registered name ("bundled"); gmm: "2d" | "image"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights of teacher/fake/generator
     time_scale: float | None = None  # transformer time input = time_scale * t; None = family default
     max_sequence_length: int | None = None  # text tokens (SD3 T5 77, FLUX 512, SANA 300); None = default

@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, cast
+from typing import Any, cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -195,9 +195,9 @@ class SiDTrainer:
         of one per quantity: seeding dominates the cost of small latents). This is sidflow's one
         keyed draw of the SiD time ``t`` (:func:`sidflow.core.flow.t_from_variate`).
         """
-        idx, seed, dev = self.sample_indices(round_idx), self.config.train.seed, self.device
+        idx, seed = self.sample_indices(round_idx), self.config.train.seed
         lc, gc = self.config.loss, self.config.generator
-        cond = self.conds.sample(seed=seed, iteration=iteration, stream=phase, indices=idx).to(dev)
+        cond = self._to_device(self.conds.sample(seed=seed, iteration=iteration, stream=phase, indices=idx))
         need_fresh = gc.noise_type == "fresh" and gc.num_steps > 1
         shape, dt = self.latent_shape, self.dtype
         z, eps, u, fresh = [], [], [], []
@@ -218,12 +218,25 @@ class SiDTrainer:
         return Draws(
             indices=idx,
             cond=cond,
-            uncond=self.conds.uncond(len(idx)).to(dev),
-            z=torch.stack(z).to(dev),
-            eps=torch.stack(eps).to(dev),
-            t=t.to(dev, dt),
-            fresh=torch.stack(fresh, 1).to(dev) if need_fresh else None,
+            uncond=self._to_device(self.conds.uncond(len(idx))),
+            z=self._to_device(torch.stack(z)),
+            eps=self._to_device(torch.stack(eps)),
+            t=self._to_device(t.to(dt)),
+            fresh=self._to_device(torch.stack(fresh, 1)) if need_fresh else None,
         )
+
+    @overload
+    def _to_device(self, x: Tensor) -> Tensor: ...
+    @overload
+    def _to_device(self, x: Cond) -> Cond: ...
+    def _to_device(self, x: Tensor | Cond) -> Tensor | Cond:
+        """Keyed draws are made on the CPU (bit-identical across machines); on CUDA they cross from
+        pinned memory without blocking, so the host keeps drawing while the device computes."""
+        if isinstance(x, Cond):
+            return Cond({k: self._to_device(v) for k, v in x.tensors.items()}, dict(x.meta))
+        if self.device.type == "cuda" and x.device.type == "cpu":
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device)
 
     # ---- phase 1: fake score (spec 4; SiDA discriminator, spec 7.2) --------------------------
     def fake_phase(self, iteration: int) -> dict[str, Any]:

@@ -28,6 +28,16 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _register_builtin_plugins() -> None:
+    """The bundled benchmarks, also when sidflow runs from a source tree whose entry points
+    (``sidflow.plugins``) are not installed; registering twice is harmless."""
+    from sidflow.digits.plugin import register as register_digits
+    from sidflow.toy.plugin import register as register_gmm
+
+    register_digits()
+    register_gmm()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -37,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"sidflow: unknown command '{name}'; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if name in ("distill", "sample"):
+        _register_builtin_plugins()
     module = importlib.import_module(f"sidflow.cli.{COMMANDS[name][0]}")
     try:
         return int(module.main(rest) or 0)

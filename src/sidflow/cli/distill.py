@@ -17,7 +17,7 @@ from typing import Any
 from sidflow.config import SiDConfig, apply_overrides, to_json
 from sidflow.errors import ConfigError
 from sidflow.run.presets import get_preset, preset_names
-from sidflow.run.registry import get_runner
+from sidflow.run.registry import get_runner, validate
 
 __all__ = ["main", "DEFAULT_PRESET", "resolve_config"]
 
@@ -67,6 +67,7 @@ def main(argv: list[str]) -> int:
         print("\n".join(preset_names()))
         return 0
     config = resolve_config(args.preset, overrides)
+    validate(config)
     if args.dry_run:
         print(to_json(config))
         return 0

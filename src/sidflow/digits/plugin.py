@@ -7,6 +7,7 @@ shipped in ``sidflow/digits/assets/teacher``) and ``data.prompts=builtin:digits`
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +25,12 @@ from sidflow.config import (
 )
 from sidflow.digits import BUNDLED_TEACHER
 from sidflow.run.presets import register_preset
-from sidflow.run.registry import register_evaluation, register_prompt_set, register_teacher_alias
+from sidflow.run.registry import (
+    register_evaluation,
+    register_prompt_set,
+    register_teacher_alias,
+    resolve_teacher_path,
+)
 
 __all__ = ["register", "DIGITS_PRESET", "digits_preset", "digit_prompts"]
 
@@ -75,7 +81,9 @@ def digit_prompts() -> list[str]:
 def _evaluation(config: SiDConfig, teacher: Any, latent_shape: tuple[int, ...], device: torch.device):
     from sidflow.digits.evaluation import DigitsEvaluation  # lazy: diffusers
 
-    return DigitsEvaluation(config, teacher, latent_shape, device)
+    # the teacher's own baseline figures, next to its folder (sidflow teacher train --out DIR)
+    baseline = Path(resolve_teacher_path(config.teacher.path)).parent / "teacher_baseline.json"
+    return DigitsEvaluation(config, teacher, latent_shape, device, baseline=baseline)
 
 
 def register() -> None:

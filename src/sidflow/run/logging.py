@@ -8,7 +8,6 @@ Rank 0 only. Every row (training metrics at ``train.log_every``, evaluation rows
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ class RunLogger:
         except ImportError:
             pass
         self.bar = tqdm(total=total, initial=initial, desc="SiD", unit="it", disable=not progress, dynamic_ncols=True)
-        self._tick, self._images = time.perf_counter(), images_seen
+        self._train_seconds, self._images = 0.0, images_seen
 
     def row(self, row: dict[str, Any]) -> None:
         """Append one row to ``log.jsonl`` and its numbers to TensorBoard (step = training images)."""
@@ -48,12 +47,12 @@ class RunLogger:
                 if isinstance(value, (int, float)) and key not in ("iteration", "images_seen"):
                     self.writer.add_scalar(key, value, row["images_seen"])
 
-    def throughput(self, images_seen: int) -> float:
-        """Training images per second (all ranks) since the previous call; wall time, measured at log
-        points, where the host read of the losses has already waited for the device."""
-        now = time.perf_counter()
-        rate = (images_seen - self._images) / max(now - self._tick, 1e-9)
-        self._tick, self._images = now, images_seen
+    def throughput(self, images_seen: int, train_seconds: float) -> float:
+        """Training images per second (all ranks) since the previous call, over training time only
+        (evaluations and checkpoints excluded); measured at log points, where the host read of the
+        losses has waited for the device."""
+        rate = (images_seen - self._images) / max(train_seconds - self._train_seconds, 1e-9)
+        self._train_seconds, self._images = train_seconds, images_seen
         return rate
 
     def advance(self, postfix: dict[str, Any] | None = None) -> None:

@@ -28,7 +28,7 @@ from sidflow.run.build import RunState, build_run, eval_generator
 from sidflow.run.checkpoint import save_trainer
 from sidflow.run.distributed import DistContext, init_from_env, shutdown
 from sidflow.run.logging import RunLogger
-from sidflow.run.registry import make_evaluation
+from sidflow.run.registry import make_evaluation, validate
 from sidflow.run.selection import SnapshotSelector, kept_note, reported_row, selected_generators, selected_info
 
 __all__ = ["run_pipeline", "eval_interval"]
@@ -48,6 +48,7 @@ def run_pipeline(config: SiDConfig, run_dir: Path, *, progress: bool = True) -> 
     "wall_seconds"}`` once rank 0 is done.
     """
     start = time.perf_counter()
+    validate(config)  # an unknown eval.kind fails here, not after the teacher is loaded
     ctx = init_from_env()
     try:
         run = build_run(config, run_dir, ctx)
@@ -97,7 +98,7 @@ def _train(
         if it % tc.log_every == 0 or it == total:  # the only host read of the losses (all ranks join)
             metrics.update(mean_over_ranks({k: v for k, v in metrics.items() if k.startswith("loss_")}))
             if log is not None:
-                metrics["images_per_s"] = log.throughput(trainer.images_seen)
+                metrics["images_per_s"] = log.throughput(trainer.images_seen, train_seconds)
                 log.row(metrics)
                 postfix = {
                     "fake": f"{metrics['loss_fake']:.4g}",

@@ -35,6 +35,7 @@ __all__ = [
     "get_runner",
     "register_evaluation",
     "make_evaluation",
+    "validate",
     "register_teacher_alias",
     "resolve_teacher_path",
     "register_prompt_set",
@@ -59,9 +60,9 @@ def load_plugins() -> None:
     global _loaded
     if _loaded:
         return
-    _loaded = True
     for entry in entry_points(group=PLUGIN_GROUP):
         entry.load()()
+    _loaded = True
 
 
 def _register(table: dict, kind: str, value: Any, what: str, replace: bool) -> None:
@@ -70,11 +71,20 @@ def _register(table: dict, kind: str, value: Any, what: str, replace: bool) -> N
     table[kind] = value
 
 
-def _get(table: dict, kind: str, what: str, setting: str) -> Any:
+def _get(table: dict, kind: str, what: str, setting: str, prefix: str = "") -> Any:
     load_plugins()
     if kind not in table:
-        raise ConfigError(f"{setting}={kind!r} is not a known {what}; choose one of: {', '.join(sorted(table))}")
+        choices = ", ".join(prefix + name for name in sorted(table))
+        raise ConfigError(f"{setting}={prefix + kind!r} is not a known {what}; choose one of: {choices}")
     return table[kind]
+
+
+def validate(config: SiDConfig) -> None:
+    """Fail fast, before anything is loaded, on a ``teacher.kind`` or ``eval.kind`` nobody registered."""
+    if config.teacher.kind != "pipeline":
+        get_runner(config.teacher.kind)
+    if config.eval.kind != "none":
+        _get(_EVALUATIONS, config.eval.kind, "evaluation", "eval.kind")
 
 
 def register_runner(kind: str, runner: Runner, *, replace: bool = False) -> None:
@@ -127,5 +137,7 @@ def resolve_prompts(spec: str) -> list[str]:
     if not spec:
         raise ConfigError("data.prompts is empty; give a prompt file (one prompt per line) or builtin:NAME")
     if spec.startswith(BUILTIN_PREFIX):
-        return list(_get(_PROMPT_SETS, spec.removeprefix(BUILTIN_PREFIX), "prompt set", "data.prompts")())
+        return list(
+            _get(_PROMPT_SETS, spec.removeprefix(BUILTIN_PREFIX), "prompt set", "data.prompts", BUILTIN_PREFIX)()
+        )
     return read_prompt_file(spec)
