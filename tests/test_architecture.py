@@ -16,7 +16,7 @@ ROOMS = [
     ("core", ("sidflow.core",)),
     ("config", ("sidflow.config",)),
     ("teachers", ("sidflow.teachers", "sidflow.testing")),
-    ("trainer", ("sidflow.trainer",)),
+    ("trainer", ("sidflow.trainer", "sidflow.optim")),
     ("data", ("sidflow.data",)),
     ("eval", ("sidflow.eval",)),
     ("run", ("sidflow.run",)),

@@ -149,8 +149,9 @@ class OptimConfig:
     lr: float = 1e-5  # fake score
     glr: float = 1e-5  # generator
     betas: tuple[float, float] = (0.0, 0.999)
-    eps: float = 1e-8
-    grad_clip: float | None = None  # clip-by-value on both networks' grads (pure bf16: 1.0)
+    eps: float | None = None  # Adam eps; None = 1e-8, or the reference's 1e-4 under train.precision=pure_bf16
+    # clip-by-value of both networks' grads; None = off, or 1.0 under pure_bf16; 0 = off
+    grad_clip: float | None = None
     # both learning rates fall linearly to decay_min x their value over the last decay_frac of the
     # iterations (a warmup-stable-decay tail); 0 = constant, as in the paper
     decay_frac: float = 0.0
@@ -178,6 +179,10 @@ class TrainConfig:
     # FSDP2 fully_shard per transformer block, then per transformer (spec 16); needs torchrun with
     # > 1 process (pipeline teachers): a single process runs unsharded and says so
     sharding: Literal["none", "fsdp2"] = "none"
+    # fp32: everything fp32; amp_bf16: fp32 master weights and Adam, bf16 autocast (FSDP2:
+    # MixedPrecisionPolicy bf16 params, fp32 reduce), frozen teacher stored in bf16, TF32 on;
+    # pure_bf16: bf16 weights, stochastic-rounding Adam; auto: amp_bf16 on CUDA, fp32 on CPUs
+    precision: Literal["auto", "fp32", "amp_bf16", "pure_bf16"] = "auto"
 
     def __post_init__(self) -> None:
         _validate(self)

@@ -60,6 +60,7 @@ from sidflow.core.losses import (
 )
 from sidflow.core.schedule import ema_beta, lr_factor
 from sidflow.errors import CheckpointError, ConfigError, NonFiniteError
+from sidflow.optim import make_optimizer, resolve_precision
 
 __all__ = ["SiDTrainer", "Draws", "generator_state_dict"]
 
@@ -142,8 +143,13 @@ class SiDTrainer:
         cast(nn.Module, teacher).eval()  # denoisers are nn.Modules (see Denoiser)
         teacher.requires_grad_(False)
         oc = config.optim
-        self.opt_fake = torch.optim.Adam(self.fake_params, lr=oc.lr, betas=oc.betas, eps=oc.eps)
-        self.opt_gen = torch.optim.Adam(self.gen_params, lr=oc.glr, betas=oc.betas, eps=oc.eps)
+        self.precision = resolve_precision(tc.precision, self.device)
+        pure = self.precision == "pure_bf16"
+        eps = oc.eps if oc.eps is not None else (1e-4 if pure else 1e-8)  # the reference's pure-bf16 eps
+        self.grad_clip = oc.grad_clip if oc.grad_clip is not None else (1.0 if pure else None)
+        kw: dict[str, Any] = {"betas": oc.betas, "eps": eps, "precision": self.precision, "seed": tc.seed}
+        self.opt_fake = make_optimizer(self.fake_params, lr=oc.lr, stream="round/fake", **kw)
+        self.opt_gen = make_optimizer(self.gen_params, lr=oc.glr, stream="round/gen", **kw)
         self.iteration, self.images_seen = 0, 0
         self.nonfinite_total = {"fake": 0, "gen": 0}
         self.ema: dict[str, Tensor] | None = None
@@ -416,8 +422,8 @@ class SiDTrainer:
         for p in params:
             assert p.grad is not None
             torch.nan_to_num_(p.grad, nan=0.0, posinf=INF_CLAMP, neginf=-INF_CLAMP)
-        if self.config.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_value_(params, self.config.optim.grad_clip)
+        if self.grad_clip:  # None or 0: off
+            torch.nn.utils.clip_grad_value_(params, self.grad_clip)
 
     def _check_nonfinite(self, phase: str, bad: Tensor) -> int:
         """The phase's one host read: ``bad`` (this rank's count) summed job-wide; every rank

@@ -20,6 +20,7 @@ from torch import nn
 from sidflow.collectives import barrier, broadcast_module_
 from sidflow.config import SiDConfig
 from sidflow.data.prompts import PromptSource
+from sidflow.optim import resolve_precision
 from sidflow.run.checkpoint import resume_trainer
 from sidflow.run.distributed import DistContext, fsdp_mesh, gather_into_, shard_networks
 from sidflow.run.registry import resolve_prompts, resolve_teacher_path
@@ -45,15 +46,16 @@ class RunState:
 
 
 def load_run_teacher(config: SiDConfig, device: torch.device | str) -> Any:
-    """The teacher adapter of a run, loaded with the run's settings."""
+    """The teacher adapter of a run, loaded with the run's settings (in bf16 under pure_bf16)."""
     from sidflow.teachers import load_teacher  # lazy: the diffusers import is slow
 
     tc = config.teacher
+    pure = resolve_precision(config.train.precision, device) == "pure_bf16"
     return load_teacher(
         resolve_teacher_path(tc.path),
         time_scale=tc.time_scale,
         device=device,
-        dtype=DTYPES[tc.dtype],
+        dtype=torch.bfloat16 if pure else DTYPES[tc.dtype],
         max_sequence_length=tc.max_sequence_length,
     )
 
@@ -90,7 +92,7 @@ def _prompt_source(config: SiDConfig, teacher: Any, ctx: DistContext) -> PromptS
 
 
 def _shard(
-    networks: tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser], ctx: DistContext
+    networks: tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser], ctx: DistContext, precision: str
 ) -> tuple[tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser], nn.Module | None]:
     """FSDP2-shard ``(teacher, fake, generator)``; rank 0 keeps unsharded teacher and generator copies.
 
@@ -103,7 +105,7 @@ def _shard(
     if ctx.is_main:
         scratch = copy.deepcopy(generator).requires_grad_(False)
         teacher = copy.deepcopy(teacher)
-    shard_networks(teacher, fake, generator, fsdp_mesh(ctx.device))
+    shard_networks(teacher, fake, generator, fsdp_mesh(ctx.device), bf16_params=precision == "amp_bf16")
     if ctx.is_main:
         print(f"train.sharding=fsdp2: networks sharded over {ctx.world_size} ranks")
     return (teacher, fake, generator), scratch
@@ -115,14 +117,18 @@ def build_run(config: SiDConfig, run_dir: Path, ctx: DistContext) -> RunState:
     teacher = load_run_teacher(config, ctx.device)
     latent_shape = teacher.latent_shape(config.data.resolution)
     source = _prompt_source(config, teacher, ctx)
+    precision = resolve_precision(config.train.precision, ctx.device)
+    if precision == "amp_bf16" and ctx.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use TF32 (spec 6.3)
+        torch.backends.cudnn.allow_tf32 = True
     networks: tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser] = teacher.make_denoisers(
-        gradient_checkpointing=config.teacher.gradient_checkpointing == "on"
+        gradient_checkpointing=config.teacher.gradient_checkpointing == "on", precision=precision
     )
     for net in networks[1:]:  # before the trainer snapshots its EMA (DDP's sync_module_states)
         broadcast_module_(net)
     scratch = None
     if sharded:
-        networks, scratch = _shard(networks, ctx)
+        networks, scratch = _shard(networks, ctx, precision)
     elif config.train.ema_halflife_kimg > 0 and ctx.is_main:
         scratch = copy.deepcopy(networks[2]).requires_grad_(False)
     trainer = SiDTrainer(*networks, source, latent_shape, config, ctx.device, rank=ctx.rank, world_size=ctx.world_size)

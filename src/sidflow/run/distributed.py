@@ -144,7 +144,13 @@ def shutdown(ctx: DistContext | None = None) -> None:
 
 # ---- FSDP2 (spec 16) -------------------------------------------------------------------------
 def shard_networks(
-    teacher: nn.Module, fake: nn.Module, generator: nn.Module, mesh=None, *, reshard_after_forward: bool = True
+    teacher: nn.Module,
+    fake: nn.Module,
+    generator: nn.Module,
+    mesh=None,
+    *,
+    reshard_after_forward: bool = True,
+    bf16_params: bool = False,
 ) -> None:
     """FSDP2-shard the three networks in place: each transformer block, then the transformer (root).
 
@@ -160,8 +166,14 @@ def shard_networks(
         teacher, fake, generator: the networks, on their compute device, with a ``.transformer``.
         mesh: a 1-D :class:`~torch.distributed.device_mesh.DeviceMesh` (default: all ranks).
         reshard_after_forward: free the gathered weights after each forward (FULL_SHARD).
+        bf16_params: ``train.precision=amp_bf16``: all-gather and compute in bf16, reduce-scatter
+            gradients in fp32 (``MixedPrecisionPolicy``); the fp32 shards stay the master weights.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kw: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if bf16_params:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
     done: set[int] = set()
     for net in (teacher, fake, generator):
@@ -172,8 +184,8 @@ def shard_networks(
             continue
         done.add(id(root))
         for block in cast(Any, net).fsdp_units():  # a TransformerDenoiser method, not an nn.Module one
-            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-        fully_shard(root, mesh=mesh, reshard_after_forward=reshard_after_forward)
+            fully_shard(block, **kw)
+        fully_shard(root, **kw)
 
 
 def fsdp_mesh(device: torch.device):

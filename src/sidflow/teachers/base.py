@@ -67,6 +67,16 @@ class TransformerDenoiser(nn.Module):
         super().__init__()
         self.transformer = transformer
         self.time_scale = float(time_scale)
+        # train.precision=amp_bf16: the transformer runs under autocast to this dtype (None: off);
+        # inputs, outputs and everything after them stay fp32
+        self.autocast_dtype: torch.dtype | None = None
+
+    def _run(self, x: Tensor, t: Tensor, cond: Cond, out_dtype: torch.dtype) -> Tensor:
+        with torch.autocast(
+            x.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None
+        ):
+            v = self._forward(x, t, cond)
+        return v.to(out_dtype)  # precision cast: the model's (autocast) dtype -> fp32
 
     def fsdp_units(self) -> list[nn.Module]:
         """The transformer blocks, each sharded as one FSDP2 unit before the transformer itself."""
@@ -101,7 +111,7 @@ class TransformerDenoiser(nn.Module):
             fp32 ``v`` shaped like ``x_t`` (fp64 when the model itself is fp64, for exactness tests).
         """
         x, t, cond, out_dtype = self._prepare(x_t, t, cond)
-        return self._forward(x, t, cond).to(out_dtype)
+        return self._run(x, t, cond, out_dtype)
 
     def velocity_and_features(self, x_t: Tensor, t: Tensor, cond: Cond) -> tuple[Tensor, Tensor]:
         """``(v, features)``: :meth:`velocity` plus the pooled final-norm features ``[B, C_inner]``
@@ -111,7 +121,7 @@ class TransformerDenoiser(nn.Module):
         norm_out = cast(nn.Module, self.transformer.norm_out)  # a diffusers submodule
         hook = norm_out.register_forward_hook(lambda _m, _i, out: captured.append(out))
         try:
-            v = self._forward(x, t, cond).to(out_dtype)
+            v = self._run(x, t, cond, out_dtype)
         finally:
             hook.remove()
         return v, captured[-1].to(out_dtype).mean(dim=1)
@@ -289,10 +299,20 @@ class TeacherBase:
         return self.codec.decode(latents.to(self.device))
 
     def make_denoisers(
-        self, trainable_copies: bool = True, gradient_checkpointing: bool = False
+        self, trainable_copies: bool = True, gradient_checkpointing: bool = False, precision: str = "fp32"
     ) -> tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser]:
-        """``(teacher, fake, generator)``: see :func:`three_networks`."""
-        return three_networks(self.denoiser, trainable_copies, gradient_checkpointing)
+        """``(teacher, fake, generator)``: see :func:`three_networks`.
+
+        ``precision="amp_bf16"`` (spec 6.3): the three run under bf16 autocast, the trainable two keep
+        fp32 master weights and the frozen teacher is stored in bf16 (half its memory; it gets no
+        gradient). ``pure_bf16`` needs nothing here: the pipeline is loaded in bf16.
+        """
+        networks = three_networks(self.denoiser, trainable_copies, gradient_checkpointing)
+        if precision == "amp_bf16":
+            for net in networks:
+                net.autocast_dtype = torch.bfloat16
+            networks[0].to(torch.bfloat16)
+        return networks
 
     def text_encoders(self) -> list[nn.Module]:
         return [
