@@ -85,3 +85,62 @@ def test_corrupt_missing_and_mismatched_checkpoints(tmp_path):
     state["tensors"].pop(next(k for k in state["tensors"] if k.startswith("fake/")))
     with pytest.raises(CheckpointError, match="keys differ"):
         tr.load_state_dict(state)
+
+
+def test_keep_n_prunes_old_checkpoints_and_leftovers(tmp_path):
+    from sidflow.run.checkpoint import prune_checkpoints, save_trainer
+
+    tr = _trainer()
+    (tmp_path / "checkpoints" / ".step-00000001.abc").mkdir(parents=True)  # a killed write's leftover
+    for _ in range(4):
+        tr.step()
+        save_trainer(tr, tmp_path, to_dict(CFG), is_main=True, sharded=False, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000003", "step-00000004"]
+    assert prune_checkpoints(tmp_path, 0) == []  # 0 keeps everything
+    assert prune_checkpoints(tmp_path, 1) == [tmp_path / "checkpoints" / "step-00000003"]
+
+
+def test_generator_alone_is_read_without_the_optimiser_state(tmp_path):
+    from sidflow.run.checkpoint import checkpoint_keys
+
+    tr = _trainer()
+    tr.step()
+    path = save_checkpoint(tmp_path, 1, tr.state_dict(), to_dict(CFG))
+    keys = checkpoint_keys(path)
+    assert any(k.startswith("optim_gen/") for k in keys) and any(k.startswith("ema/") for k in keys)
+    state, _ = load_checkpoint(path, prefixes=("ema/",))
+    assert state["tensors"] and all(k.startswith("ema/") for k in state["tensors"])
+    for name, value in tr.ema.items():
+        assert torch.equal(state["tensors"][f"ema/{name}"], value)
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+    """SIGKILL a process while it writes a large checkpoint: the previous one is still the newest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    tr = _trainer()
+    tr.step()
+    first = save_checkpoint(tmp_path, 1, tr.state_dict(), to_dict(CFG))
+    writer = textwrap.dedent(f"""
+        import torch
+        from sidflow.run.checkpoint import save_checkpoint
+        big = {{"tensors": {{f"w{{i}}": torch.randn(1024, 1024) for i in range(64)}}, "scalars": {{}}}}
+        print("ready", flush=True)
+        while True:
+            save_checkpoint({str(tmp_path)!r}, 2, big)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    time.sleep(0.3)  # mid-write of a 256 MiB file (each write takes longer than this)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    newest = latest_checkpoint(tmp_path)
+    assert newest in (first, tmp_path / "checkpoints" / "step-00000002")  # never a half-written one
+    state, _ = load_checkpoint(newest)  # loads without error
+    assert state["step"] in (1, 2)
+    assert (newest == first) or len(state["tensors"]) == 64

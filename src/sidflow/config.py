@@ -174,6 +174,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10  # iterations between metric logs
     ckpt_every: int = 500  # iterations between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept (older ones deleted; 0 = keep all); snapshots always kept
     ema_halflife_kimg: float = 0.0  # generator EMA half-life; 0 = off
     max_nonfinite_frac: float = 0.1  # abort with NonFiniteError past this fraction of a phase's samples
     # FSDP2 fully_shard per transformer block, then per transformer (spec 16); needs torchrun with

@@ -20,7 +20,7 @@ from sidflow.core.generator import generate, generator_step_times
 from sidflow.core.guidance import with_embedded_guidance
 from sidflow.errors import ConfigError
 from sidflow.run.build import load_run_teacher
-from sidflow.run.checkpoint import latest_checkpoint, load_checkpoint, load_module_weights
+from sidflow.run.checkpoint import checkpoint_keys, latest_checkpoint, load_checkpoint, load_module_weights
 from sidflow.run.selection import snapshot_path
 
 __all__ = ["load_run_generator", "load_run_weights", "sample_run"]
@@ -55,8 +55,9 @@ def load_run_weights(run_dir: Path, generator: nn.Module, *, steps: int | None =
     ckpt = (snapshot_path(run_dir, steps) if ema else None) or latest_checkpoint(run_dir)
     if ckpt is None:
         raise ConfigError(f"{run_dir} has no checkpoint yet; let 'sidflow distill' finish or resume it")
-    state, _ = load_checkpoint(ckpt, device=next(generator.parameters()).device)
-    prefix = "ema/" if ema and any(k.startswith("ema/") for k in state["tensors"]) else "generator/"
+    prefix = "ema/" if ema and any(k.startswith("ema/") for k in checkpoint_keys(ckpt)) else "generator/"
+    # only the generator's tensors are read: not the fake score, nor either optimiser's moments
+    state, _ = load_checkpoint(ckpt, device=next(generator.parameters()).device, prefixes=(prefix,))
     return load_module_weights(generator, state["tensors"], prefix)
 
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sidflow.atomic import atomic_dir
@@ -30,6 +31,8 @@ from sidflow.run.distributed import gather_state, shard_state_like
 __all__ = [
     "save_trainer",
     "resume_trainer",
+    "prune_checkpoints",
+    "checkpoint_keys",
     "save_checkpoint",
     "write_checkpoint",
     "load_checkpoint",
@@ -75,8 +78,14 @@ def write_checkpoint(final: str | Path, step: int, state: dict[str, Any], config
     return final
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[dict[str, Any], dict]:
-    """Read a checkpoint directory; returns ``(state, config_dict)`` with ``state`` as saved."""
+def load_checkpoint(
+    path: str | Path, device: torch.device | str = "cpu", *, prefixes: tuple[str, ...] | None = None
+) -> tuple[dict[str, Any], dict]:
+    """Read a checkpoint directory; returns ``(state, config_dict)`` with ``state`` as saved.
+
+    ``prefixes``: read only the tensors whose names start with one of them (e.g. ``("ema/",)``: the
+    generator without the optimiser states, which are most of a checkpoint's bytes).
+    """
     path = Path(path)
     if not (path / STATE).is_file() or not (path / TENSORS).is_file():
         raise CheckpointError(
@@ -85,7 +94,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         )
     try:
         meta = json.loads((path / STATE).read_text())
-        tensors = load_file(str(path / TENSORS), device=str(device))
+        tensors = _read_tensors(path / TENSORS, device, prefixes)
     except (json.JSONDecodeError, SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(
             f"checkpoint {path} is corrupt ({type(err).__name__}: "
@@ -94,7 +103,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         ) from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has format {meta.get('format')}, expected {FORMAT}")
-    shapes = meta.get("shapes", {})
+    shapes = {k: v for k, v in meta.get("shapes", {}).items() if prefixes is None or k.startswith(prefixes)}
     missing = sorted(set(shapes) ^ set(tensors))
     if missing:
         raise CheckpointError(
@@ -107,6 +116,34 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
                 f"checkpoint {path}: tensor {key} has shape {list(tensors[key].shape)}, state.json says {shape}"
             )
     return {"tensors": tensors, "scalars": meta["scalars"], "step": meta["step"]}, meta.get("config", {})
+
+
+def _read_tensors(file: Path, device: torch.device | str, prefixes: tuple[str, ...] | None) -> dict[str, torch.Tensor]:
+    if prefixes is None:
+        return load_file(str(file), device=str(device))
+    with safe_open(str(file), framework="pt", device=str(device)) as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefixes)}
+
+
+def checkpoint_keys(path: str | Path) -> list[str]:
+    """The tensor names of a checkpoint, from its ``state.json`` (no tensor is read)."""
+    try:
+        return list(json.loads((Path(path) / STATE).read_text()).get("shapes", {}))
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"checkpoint {path} has no readable {STATE} ({type(err).__name__})") from None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest complete checkpoints of ``run_dir`` (0: keep all), and the
+    temporary folders a killed write left behind. Returns the deleted folders."""
+    root = Path(run_dir) / "checkpoints"
+    if keep <= 0 or not root.is_dir():
+        return []
+    done = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and is_checkpoint(p))
+    stale = [p for _, p in done[:-keep]] + [p for p in root.iterdir() if p.name.startswith(".step-")]
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
 
 
 def load_module_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> torch.nn.Module:
@@ -132,13 +169,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 # ---- the trainer's checkpoints in a run folder --------------------------------------------------
-def save_trainer(trainer: Any, run_dir: Path, config: dict[str, Any], *, is_main: bool, sharded: bool) -> Path | None:
+def save_trainer(
+    trainer: Any, run_dir: Path, config: dict[str, Any], *, is_main: bool, sharded: bool, keep: int = 0
+) -> Path | None:
     """Rank 0 writes the trainer's checkpoint (collective under FSDP2: every rank calls it, and the
     sharded tensors are gathered one at a time to rank 0's CPU); returns its folder, None elsewhere."""
     state = gather_state(trainer.state_dict(), device="cpu", rank0_only=True) if sharded else None
     if not is_main:
         return None
-    return save_checkpoint(run_dir, trainer.iteration, state or trainer.state_dict(), config)
+    path = save_checkpoint(run_dir, trainer.iteration, state or trainer.state_dict(), config)
+    prune_checkpoints(run_dir, keep)  # after the new one is complete: a crash never leaves none
+    return path
 
 
 def resume_trainer(trainer: Any, run_dir: Path, *, rank: int, sharded: bool) -> Path | None:

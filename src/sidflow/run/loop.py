@@ -117,14 +117,14 @@ def _train(
                 kept = selector.offer(row, student) if selector is not None else []
                 log.say(evaluation.describe(row) + kept_note(kept, selector))
         if tc.ckpt_every and it % tc.ckpt_every == 0 and it != total:
-            save_trainer(trainer, run_dir, to_dict(config), is_main=main, sharded=run.sharded)
+            save_trainer(trainer, run_dir, to_dict(config), is_main=main, sharded=run.sharded, keep=tc.keep_checkpoints)
 
     result: dict[str, Any] = {
         "iterations": trainer.iteration,
         "images_seen": trainer.images_seen,
         "train_seconds": train_seconds,
     }
-    ckpt = save_trainer(trainer, run_dir, to_dict(config), is_main=main, sharded=run.sharded)
+    ckpt = save_trainer(trainer, run_dir, to_dict(config), is_main=main, sharded=run.sharded, keep=tc.keep_checkpoints)
     final_gen = eval_generator(run)
     if log is None or ckpt is None or final_gen is None:
         return {"rank": ctx.rank, **result}
