@@ -59,7 +59,8 @@ class TeacherConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights of teacher/fake/generator
     time_scale: float | None = None  # transformer time input = time_scale * t; None = family default
     max_sequence_length: int | None = None  # text tokens (SD3 T5 77, FLUX 512, SANA 300); None = default
-    gradient_checkpointing: Literal["off", "on"] = "off"  # on fake score and generator (not the teacher)
+    # on all three networks, the frozen teacher's backward into its inputs included
+    gradient_checkpointing: Literal["off", "on"] = "off"
 
     def __post_init__(self) -> None:
         _validate(self)

@@ -116,15 +116,24 @@ def test_text_encoder_precision_is_a_setting(tiny):
 def test_gradient_checkpointing_keeps_gradients(tiny):
     teacher = load_teacher(tiny("sd3"))
     _, fake, _ = teacher.make_denoisers()
-    _, fake_ckpt, _ = teacher.make_denoisers(gradient_checkpointing=True)
-    assert fake_ckpt.transformer.is_gradient_checkpointing and not fake.transformer.is_gradient_checkpointing
     x_t, t, cond = torch.randn(2, 4, 16, 16), torch.tensor([0.3, 0.6]), teacher.encode_prompts(["a", "b"])
+    x_in = x_t.clone().requires_grad_(True)
+    psi = teacher.denoiser
+    (plain_input_grad,) = torch.autograd.grad(psi.velocity(x_in, t, cond).square().sum(), x_in)
+    psi_ckpt, fake_ckpt, gen_ckpt = teacher.make_denoisers(gradient_checkpointing=True)
+    assert psi_ckpt is psi and not fake.transformer.is_gradient_checkpointing
+    assert all(n.transformer.is_gradient_checkpointing for n in (psi_ckpt, fake_ckpt, gen_ckpt))
     grads = []
     for net in (fake, fake_ckpt):
         net.velocity(x_t, t, cond).square().sum().backward()
         grads.append([p.grad for p in net.parameters()])
     for g, h in zip(*grads, strict=True):
         torch.testing.assert_close(g, h)
+    # the frozen teacher's backward into its inputs (the SiD gradient path) is checkpointed too
+    (ckpt_input_grad,) = torch.autograd.grad(psi_ckpt.velocity(x_in, t, cond).square().sum(), x_in)
+    torch.testing.assert_close(ckpt_input_grad, plain_input_grad)
+    teacher.make_denoisers()  # and switched off again
+    assert not psi.transformer.is_gradient_checkpointing
 
 
 def test_time_scale_comes_from_the_family_unless_given(tiny):

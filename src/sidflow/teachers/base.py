@@ -136,21 +136,28 @@ def three_networks(
         teacher: the loaded teacher denoiser; it is frozen in place (``eval``, no grad).
         trainable_copies: deep-copy phi and theta (trainable); False returns the teacher three
             times (inference only, no extra memory).
-        gradient_checkpointing: enable diffusers' gradient checkpointing on phi and theta.
+        gradient_checkpointing: diffusers' gradient checkpointing on all three, the frozen teacher
+            included: its activations are kept for the generator phase's backward into its *inputs*
+            (the SiD gradient), so recomputing them saves as much as on the trainable two.
 
     Returns:
         ``(teacher, fake, generator)``.
     """
     teacher.eval().requires_grad_(False)
+    _set_checkpointing(teacher, gradient_checkpointing)
     if not trainable_copies:
         return teacher, teacher, teacher
-    copies = []
-    for _ in range(2):
-        net = copy.deepcopy(teacher).train().requires_grad_(True)
-        if gradient_checkpointing and getattr(net.transformer, "_supports_gradient_checkpointing", False):
-            cast(Any, net.transformer).enable_gradient_checkpointing()  # a diffusers ModelMixin method
-        copies.append(net)
+    copies = [copy.deepcopy(teacher).train().requires_grad_(True) for _ in range(2)]
     return teacher, copies[0], copies[1]
+
+
+def _set_checkpointing(net: TransformerDenoiser, enabled: bool) -> None:
+    transformer = cast(Any, net.transformer)  # diffusers ModelMixin methods
+    if getattr(transformer, "_supports_gradient_checkpointing", False):
+        if enabled:
+            transformer.enable_gradient_checkpointing()
+        elif transformer.is_gradient_checkpointing:
+            transformer.disable_gradient_checkpointing()
 
 
 class LatentCodec:
