@@ -135,4 +135,9 @@ def load_teacher(
         check_components(folder, index, module.NEEDED)
     teacher = module.load(folder if folder is not None else name, **kwargs)
     teacher.family = family  # e.g. "sd35" for a shipped SD3.5 config (same adapter as "sd3")
+    if teacher.denoiser.model_dtype != dtype:  # diffusers without accelerate ignores dtype=
+        raise TeacherLoadError(
+            f"{name}: the transformer loaded as {teacher.denoiser.model_dtype}, not {dtype}; "
+            "install accelerate (pip install accelerate), which diffusers needs to honour dtype"
+        )
     return teacher
