@@ -128,7 +128,10 @@ class TransformerDenoiser(nn.Module):
 
 
 def three_networks(
-    teacher: TransformerDenoiser, trainable_copies: bool = True, gradient_checkpointing: bool = False
+    teacher: TransformerDenoiser,
+    trainable_copies: bool = True,
+    gradient_checkpointing: bool = False,
+    precision: str = "fp32",
 ) -> tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser]:
     """Spec 2: frozen teacher psi, fake score phi and generator theta from one teacher.
 
@@ -139,6 +142,9 @@ def three_networks(
         gradient_checkpointing: diffusers' gradient checkpointing on all three, the frozen teacher
             included: its activations are kept for the generator phase's backward into its *inputs*
             (the SiD gradient), so recomputing them saves as much as on the trainable two.
+        precision: ``"amp_bf16"`` (spec 6.3): the three run under bf16 autocast, the trainable two
+            keep fp32 master weights and the frozen teacher is stored in bf16 (half its memory; it
+            gets no gradient). ``pure_bf16`` needs nothing here: the pipeline is loaded in bf16.
 
     Returns:
         ``(teacher, fake, generator)``.
@@ -148,6 +154,10 @@ def three_networks(
     if not trainable_copies:
         return teacher, teacher, teacher
     copies = [copy.deepcopy(teacher).train().requires_grad_(True) for _ in range(2)]
+    if precision == "amp_bf16":
+        for net in (teacher, *copies):
+            net.autocast_dtype = torch.bfloat16
+        teacher.to(torch.bfloat16)
     return teacher, copies[0], copies[1]
 
 
@@ -308,18 +318,8 @@ class TeacherBase:
     def make_denoisers(
         self, trainable_copies: bool = True, gradient_checkpointing: bool = False, precision: str = "fp32"
     ) -> tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser]:
-        """``(teacher, fake, generator)``: see :func:`three_networks`.
-
-        ``precision="amp_bf16"`` (spec 6.3): the three run under bf16 autocast, the trainable two keep
-        fp32 master weights and the frozen teacher is stored in bf16 (half its memory; it gets no
-        gradient). ``pure_bf16`` needs nothing here: the pipeline is loaded in bf16.
-        """
-        networks = three_networks(self.denoiser, trainable_copies, gradient_checkpointing)
-        if precision == "amp_bf16":
-            for net in networks:
-                net.autocast_dtype = torch.bfloat16
-            networks[0].to(torch.bfloat16)
-        return networks
+        """``(teacher, fake, generator)``: see :func:`three_networks`."""
+        return three_networks(self.denoiser, trainable_copies, gradient_checkpointing, precision)
 
     def text_encoders(self) -> list[nn.Module]:
         return [
