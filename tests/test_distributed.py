@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from sidflow.errors import ConfigError
-from sidflow.run.checkpoint import TENSORS
+from sidflow.run.checkpoint import read_network
 from sidflow.run.distributed import init_from_env
 from sidflow.testing import tiny_pipeline
 
@@ -170,8 +170,9 @@ def test_init_from_env_single_process_and_errors():
 
 
 def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
-    tensors = load_file(run / "checkpoints" / f"step-{step:08d}" / TENSORS)
-    return {k: v for k, v in tensors.items() if k.split("/")[0] in ("generator", "fake", "ema")}
+    """The networks of a run's checkpoint in full (torch.distributed.checkpoint shards assembled)."""
+    path = run / "checkpoints" / f"step-{step:08d}"
+    return {f"{name}/{k}": v for name in ("generator", "fake", "ema") for k, v in read_network(path, name).items()}
 
 
 def _distill(run: Path, overrides: list[str]) -> list[str]:

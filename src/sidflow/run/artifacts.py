@@ -20,7 +20,7 @@ from sidflow.core.generator import generate, generator_step_times
 from sidflow.core.guidance import with_embedded_guidance
 from sidflow.errors import ConfigError
 from sidflow.run.build import load_run_teacher
-from sidflow.run.checkpoint import checkpoint_keys, latest_checkpoint, load_checkpoint, load_module_weights
+from sidflow.run.checkpoint import latest_checkpoint, read_generator, read_network
 from sidflow.run.selection import snapshot_path
 
 __all__ = ["load_run_generator", "load_run_weights", "sample_run"]
@@ -50,15 +50,16 @@ def load_run_generator(
 
 def load_run_weights(run_dir: Path, generator: nn.Module, *, steps: int | None = None, ema: bool = True) -> nn.Module:
     """Load into ``generator`` (in place; returned) the weights :func:`load_run_generator` picks for
-    ``steps`` generator steps, without loading the teacher again."""
+    ``steps`` generator steps, without loading the teacher again and without reading any optimiser
+    state."""
     run_dir = Path(run_dir)
     ckpt = (snapshot_path(run_dir, steps) if ema else None) or latest_checkpoint(run_dir)
     if ckpt is None:
         raise ConfigError(f"{run_dir} has no checkpoint yet; let 'sidflow distill' finish or resume it")
-    prefix = "ema/" if ema and any(k.startswith("ema/") for k in checkpoint_keys(ckpt)) else "generator/"
-    # only the generator's tensors are read: not the fake score, nor either optimiser's moments
-    state, _ = load_checkpoint(ckpt, device=next(generator.parameters()).device, prefixes=(prefix,))
-    return load_module_weights(generator, state["tensors"], prefix)
+    device = next(generator.parameters()).device
+    weights = read_generator(ckpt, device) if ema else read_network(ckpt, "generator", device)
+    generator.load_state_dict({**generator.state_dict(), **weights})
+    return generator
 
 
 def sample_run(run_dir: Path, prompts: list[str], *, steps: int | None = None, seed: int = 0) -> Tensor:

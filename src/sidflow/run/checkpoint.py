@@ -1,19 +1,23 @@
-"""Checkpoints as data: safetensors for tensors, JSON for scalars and the config; never pickle.
+"""Checkpoints as data: safetensors and ``torch.distributed.checkpoint`` for tensors, JSON for
+scalars and the config; never a pickled module or code.
 
-A checkpoint is a directory ``<run_dir>/checkpoints/step-XXXXXXXX/`` holding
+Two layouts, both a directory written under a temporary name and moved into place with
+``os.replace``, so a crash never leaves a half-written checkpoint under the final name (spec 11):
 
-* ``tensors.safetensors``: the trainer's flat tensor dict (networks, EMA, optimiser states);
-* ``state.json``: ``{"format": 1, "step": ..., "scalars": {...}, "config": {...}, "shapes": {...}}``.
-
-It is written to a temporary sibling directory and moved into place with ``os.replace``, so a crash
-never leaves a half-written checkpoint under the final name (spec 11, style guideline 13).
-Loading checks that both files exist and parse and that every tensor listed in ``state.json`` is in
-the safetensors file with that shape; anything else raises a one-line :class:`CheckpointError`.
+* single-file (format 1): ``tensors.safetensors`` (a flat tensor dict) + ``state.json``
+  (``{"format": 1, "step", "scalars", "config", "shapes"}``). Kept snapshots (:mod:`sidflow.run.selection`)
+  and the analytic runs use it; loading checks files, format and shapes and raises a one-line
+  :class:`CheckpointError` otherwise.
+* sharded (format 2), the trainer's checkpoints in a run (:func:`save_trainer`): every rank writes
+  its shards of both networks, both optimiser states and the EMA with ``torch.distributed.checkpoint``
+  (nothing is gathered); rank 0 adds ``state.json`` and ``generator.safetensors`` (the generator
+  alone) and renames the folder into place. :func:`resume_trainer` reshards for any world size.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -24,13 +28,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sidflow.atomic import atomic_dir
-from sidflow.collectives import broadcast_object
+from sidflow.collectives import broadcast_object, is_distributed
 from sidflow.errors import CheckpointError
 from sidflow.run.distributed import gather_state, shard_state_like
 
 __all__ = [
     "save_trainer",
     "resume_trainer",
+    "read_generator",
+    "read_network",
     "prune_checkpoints",
     "checkpoint_keys",
     "save_checkpoint",
@@ -154,8 +160,10 @@ def load_module_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` holds both checkpoint files (it may still be corrupt: :func:`load_checkpoint` checks)."""
-    return (Path(path) / STATE).is_file() and (Path(path) / TENSORS).is_file()
+    """Whether ``path`` is a complete checkpoint: ``state.json`` (written last) with the single-file
+    tensors or the sharded ``torch.distributed.checkpoint`` ones (it may still be corrupt)."""
+    path = Path(path)
+    return (path / STATE).is_file() and ((path / TENSORS).is_file() or (path / DCP_METADATA).is_file())
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -168,30 +176,161 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-# ---- the trainer's checkpoints in a run folder --------------------------------------------------
+# ---- the trainer's checkpoints in a run folder: torch.distributed.checkpoint ----------------------
+DCP_FORMAT = 2
+DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint's FileSystemWriter
+GENERATOR = "generator.safetensors"
+
+
+def _dcp_state(trainer: Any) -> dict[str, Any]:
+    """The trainer's tensors as a nested state for ``torch.distributed.checkpoint``: each network's
+    and each optimiser's state keyed by parameter name (``get_state_dict``; DTensors stay sharded), and
+    the EMA. Optimiser states are created first if the optimiser has not stepped yet (resume targets)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    fake, optim_fake = get_state_dict(trainer.fake, trainer.opt_fake)
+    generator, optim_gen = get_state_dict(trainer.generator, trainer.opt_gen)
+    state: dict[str, Any] = {"fake": fake, "generator": generator, "optim_fake": optim_fake, "optim_gen": optim_gen}
+    if trainer.ema is not None:
+        state["ema"] = trainer.ema
+    return state
+
+
+def _scalars(trainer: Any) -> dict[str, Any]:
+    return {
+        "iteration": trainer.iteration,
+        "images_seen": trainer.images_seen,
+        "nonfinite_total": dict(trainer.nonfinite_total),
+    }
+
+
 def save_trainer(
     trainer: Any, run_dir: Path, config: dict[str, Any], *, is_main: bool, sharded: bool, keep: int = 0
 ) -> Path | None:
-    """Rank 0 writes the trainer's checkpoint (collective under FSDP2: every rank calls it, and the
-    sharded tensors are gathered one at a time to rank 0's CPU); returns its folder, None elsewhere."""
-    state = gather_state(trainer.state_dict(), device="cpu", rank0_only=True) if sharded else None
-    if not is_main:
-        return None
-    path = save_checkpoint(run_dir, trainer.iteration, state or trainer.state_dict(), config)
-    prune_checkpoints(run_dir, keep)  # after the new one is complete: a crash never leaves none
-    return path
+    """Write the trainer's checkpoint ``checkpoints/step-XXXXXXXX/``; collective: every rank calls it.
+
+    Every rank writes its own shards with ``torch.distributed.checkpoint`` (nothing is gathered), into
+    a temporary folder that rank 0 renames into place once all have finished, so a kill at any point
+    leaves the previous checkpoint the newest complete one. Rank 0 adds ``state.json`` (counters and
+    config) and ``generator.safetensors``, the generator alone (EMA when on; gathered one tensor at a
+    time), which ``sidflow sample`` and evaluation read without touching optimiser state. Then only
+    the newest ``keep`` checkpoints stay (0: all). Returns the folder on rank 0, None elsewhere.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    from sidflow.collectives import barrier
+    from sidflow.trainer import generator_state_dict
+
+    final = checkpoint_dir(run_dir, trainer.iteration)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    dcp.save(_dcp_state(trainer), checkpoint_id=str(tmp), no_dist=not is_distributed())
+    generator = gather_state(
+        {"tensors": generator_state_dict(trainer, ema=True), "scalars": {}}, device="cpu", rank0_only=True
+    )["tensors"]
+    if is_main:
+        save_file({k: v.contiguous() for k, v in generator.items()}, str(tmp / GENERATOR))
+        meta = {
+            "format": DCP_FORMAT,
+            "step": trainer.iteration,
+            "scalars": _scalars(trainer),
+            "config": config,
+            "generator": "ema" if trainer.ema is not None else "weights",
+        }
+        (tmp / STATE).write_text(json.dumps(meta, indent=1))  # last: its presence marks a complete write
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        prune_checkpoints(run_dir, keep)  # after the new one is complete: a crash never leaves none
+    barrier()
+    return final if is_main else None
 
 
 def resume_trainer(trainer: Any, run_dir: Path, *, rank: int, sharded: bool) -> Path | None:
-    """Load the newest checkpoint rank 0 finds into ``trainer`` on every rank (the run folder must
-    be shared by all nodes); under FSDP2 it is read on the CPU and re-sharded. None: nothing to resume."""
+    """Load the newest checkpoint rank 0 finds into ``trainer`` on every rank (the run folder must be
+    shared by all nodes). A ``torch.distributed.checkpoint`` checkpoint is read shard by shard and
+    re-sharded for this job, whatever the world size that wrote it; the older single-file format is
+    read in full on the CPU. None: nothing to resume."""
     ckpt = broadcast_object(latest_checkpoint(run_dir) if rank == 0 else None)
     if ckpt is None:
         return None
-    if not Path(ckpt).is_dir():
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
         raise CheckpointError(
             f"rank {rank} cannot read {ckpt}; put the run folder on a file system shared by every node"
         )
-    state, _ = load_checkpoint(ckpt, device="cpu" if sharded else trainer.device)
-    trainer.load_state_dict(shard_state_like(state, trainer) if sharded else state)
-    return Path(ckpt)
+    if not (ckpt / DCP_METADATA).is_file():
+        state, _ = load_checkpoint(ckpt, device="cpu" if sharded else trainer.device)
+        trainer.load_state_dict(shard_state_like(state, trainer) if sharded else state)
+        return ckpt
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    meta = _read_meta(ckpt)
+    state = _dcp_state(trainer)
+    try:
+        dcp.load(state, checkpoint_id=str(ckpt), no_dist=not is_distributed())
+    except Exception as err:  # missing shards, other networks: one line
+        raise CheckpointError(
+            f"checkpoint {ckpt} does not fit this run ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200] if str(err) else ''}); use the matching config"
+        ) from None
+    set_state_dict(trainer.fake, trainer.opt_fake, model_state_dict=state["fake"], optim_state_dict=state["optim_fake"])
+    set_state_dict(
+        trainer.generator, trainer.opt_gen, model_state_dict=state["generator"], optim_state_dict=state["optim_gen"]
+    )
+    scalars = meta["scalars"]
+    trainer.iteration, trainer.images_seen = int(scalars["iteration"]), int(scalars["images_seen"])
+    trainer.nonfinite_total = dict(scalars["nonfinite_total"])
+    return ckpt
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / STATE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} has no readable {STATE} ({type(err).__name__}); delete it "
+            "and resume from an earlier one"
+        ) from None
+
+
+def read_network(path: str | Path, name: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The full state of one network of a checkpoint (``"generator"``, ``"fake"`` or ``"ema"``),
+    keyed as in its ``state_dict``, read alone: from a sharded checkpoint only that network's shards
+    are loaded (assembled in full, in one process); optimiser states are never read."""
+    path = Path(path)
+    if not (path / DCP_METADATA).is_file():
+        state, _ = load_checkpoint(path, device=device, prefixes=(f"{name}/",))
+        return {k[len(name) + 1 :]: v for k, v in state["tensors"].items()}
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    target = {
+        key.removeprefix(name + "."): torch.empty(tuple(md.size), dtype=md.properties.dtype, device=device)
+        for key, md in metadata.items()
+        if key.startswith(name + ".") and isinstance(md, TensorStorageMetadata)
+    }
+    if not target:
+        raise CheckpointError(f"checkpoint {path} holds no network {name!r}")
+    dcp.load({name: target}, checkpoint_id=str(path), no_dist=True)  # this process alone reads it
+    return target
+
+
+def read_generator(path: str | Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The generator's weights kept with a checkpoint (EMA when the run kept one), without reading
+    any optimiser state: ``generator.safetensors`` of a sharded checkpoint, or the ``ema/`` (else
+    ``generator/``) tensors of a single-file one or of a kept snapshot."""
+    path = Path(path)
+    if (path / GENERATOR).is_file():
+        return load_file(str(path / GENERATOR), device=str(device))
+    keys = checkpoint_keys(path)
+    prefix = "ema/" if any(k.startswith("ema/") for k in keys) else "generator/"
+    state, _ = load_checkpoint(path, device=device, prefixes=(prefix,))
+    return {k[len(prefix) :]: v for k, v in state["tensors"].items()}

@@ -7,8 +7,10 @@ The collectives themselves (gradient averaging, broadcasts) live in :mod:`sidflo
 
 FSDP2 (``train.sharding=fsdp2``): :func:`shard_networks` applies ``fully_shard`` to each of the
 adapter's FSDP units (its transformer blocks, named in :mod:`sidflow.teachers.families`) and then to
-the transformer; :func:`gather_state` / :func:`shard_state_like` turn the trainer's sharded state into
-a full checkpoint and back; :func:`gather_into_` fills rank 0's unsharded copy of the generator for
+the transformer; :func:`gather_state` gathers sharded tensors one at a time (the generator kept
+beside each checkpoint) and :func:`shard_state_like` re-shards a single-file checkpoint of the older
+format on resume (checkpoints are written shard by shard with ``torch.distributed.checkpoint``, see
+:mod:`sidflow.run.checkpoint`); :func:`gather_into_` fills rank 0's unsharded copy of the generator for
 evaluation and export. Note that transformers' ``save_pretrained`` writes nothing on ranks other than
 0 once a process group exists.
 """
