@@ -17,7 +17,6 @@ Two layouts, both a directory written under a temporary name and moved into plac
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -27,10 +26,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from sidflow.atomic import atomic_dir
-from sidflow.collectives import broadcast_object, is_distributed
+from sidflow.atomic import atomic_dir, replace_dir
+from sidflow.collectives import barrier, broadcast_object, is_distributed
 from sidflow.errors import CheckpointError
 from sidflow.run.distributed import gather_state, shard_state_like
+from sidflow.trainer import generator_state_dict
 
 __all__ = [
     "save_trainer",
@@ -218,9 +218,6 @@ def save_trainer(
     """
     import torch.distributed.checkpoint as dcp
 
-    from sidflow.collectives import barrier
-    from sidflow.trainer import generator_state_dict
-
     final = checkpoint_dir(run_dir, trainer.iteration)
     tmp = final.with_name(f".{final.name}.tmp")
     if is_main:
@@ -241,11 +238,7 @@ def save_trainer(
             "generator": "ema" if trainer.ema is not None else "weights",
         }
         (tmp / STATE).write_text(json.dumps(meta, indent=1))  # last: its presence marks a complete write
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # every rank's shards are written (dcp.save returned on all)
         prune_checkpoints(run_dir, keep)  # after the new one is complete: a crash never leaves none
     barrier()
     return final if is_main else None
