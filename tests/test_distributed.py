@@ -103,7 +103,7 @@ _WORKER = textwrap.dedent("""
     cfg = resolve_config("sd3-medium-4step", [f"teacher.path={sys.argv[1]}", "teacher.time_scale=1000",
         "teacher.gradient_checkpointing=off", "data.resolution=32", "train.batch=4", "train.batch_gpu=1",
         "train.total_kimg=none", "train.max_steps=3", "guidance.kappa1=2", "optim.lr=1e-3", "optim.glr=1e-3",
-        "train.ema_halflife_kimg=0.01", "optim.grad_clip=20"])
+        "train.ema_halflife_kimg=0.01", "optim.grad_clip=20", "train.accumulate=unsharded"])
     teacher = load_run_teacher(cfg, "cpu")
     shape = teacher.latent_shape(32)
     source = PromptSource(["a red cube", "a blue ball", "a green cone"], teacher)
@@ -225,7 +225,7 @@ def test_two_ranks_resume_a_one_process_run_and_match_it(one_process_run, tmp_pa
     (two / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows1[:2]))
     out = _torchrun(_distill(two, [*common, f"train.sharding={sharding}"]))
     assert out.stdout.count("resumed from") == 1  # printed by rank 0; every rank loads it
-    assert out.stdout.count("networks sharded over 2 ranks") == (sharding == "fsdp2")
+    assert out.stdout.count("shard first and sharded over 2 ranks") == (sharding == "fsdp2")
 
     metrics = json.loads((two / "metrics.json").read_text())
     assert metrics["iterations"] == 3 and metrics["world_size"] == 2 and metrics["sharding"] == sharding

@@ -162,8 +162,10 @@ def mean_over_ranks(values: Mapping[str, Tensor | float]) -> dict[str, float]:
 def set_gradient_sync(module: nn.Module, enabled: bool) -> None:
     """FSDP2's ``set_requires_gradient_sync`` on every sharded submodule (no-op on unsharded modules).
 
-    ``False`` on all but the last accumulation round (spec 16, FSDP1's ``no_sync``): the rounds then
-    accumulate unsharded gradients locally and the last backward reduce-scatters their sum once.
+    ``False`` on all but the last accumulation round (spec 16, FSDP1's ``no_sync``,
+    ``train.accumulate=unsharded``): the rounds then accumulate unsharded gradients locally and the
+    last backward reduce-scatters their sum once. Left on (``sharded``), every round reduce-scatters
+    and the gradients stay sharded.
     """
     if not is_distributed():
         return
@@ -172,3 +174,19 @@ def set_gradient_sync(module: nn.Module, enabled: bool) -> None:
     for sub in module.modules():
         if isinstance(sub, FSDPModule):
             sub.set_requires_gradient_sync(enabled, recurse=False)
+
+
+def reshard(*modules: nn.Module) -> None:
+    """Free the gathered weights FSDP2 still holds in ``modules`` (``reshard_after_forward=False``).
+
+    Needed when ``requires_grad`` of their parameters changes (the trainer's phase switch): a
+    gathered weight keeps the flag it was gathered with. No-op on unsharded modules.
+    """
+    if not is_distributed():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in modules:
+        for sub in module.modules():
+            if isinstance(sub, FSDPModule):
+                sub.reshard()

@@ -185,6 +185,15 @@ class TrainConfig:
     # MixedPrecisionPolicy bf16 params, fp32 reduce), frozen teacher stored in bf16, TF32 on;
     # pure_bf16: bf16 weights, stochastic-rounding Adam; auto: amp_bf16 on CUDA, fp32 on CPUs
     precision: Literal["auto", "fp32", "amp_bf16", "pure_bf16"] = "auto"
+    # FSDP2 memory levers (train.sharding=fsdp2): free each unit's gathered weights after its
+    # forward (re-gathered for backward; False keeps them, faster and larger), and keep the shards,
+    # their gradients and the Adam state in host memory (FSDP2 CPUOffloadPolicy; Adam steps on the CPU)
+    reshard_after_forward: Literal["on", "off"] = "on"
+    cpu_offload: Literal["off", "on"] = "off"
+    # FSDP2 accumulation rounds: "sharded" reduce-scatters every round and accumulates sharded
+    # gradients (1/world of the memory, R reduce-scatters); "unsharded" keeps full gradients until
+    # the last round (FSDP1's no_sync: one reduce-scatter, a full gradient copy per rank)
+    accumulate: Literal["sharded", "unsharded"] = "sharded"
 
     def __post_init__(self) -> None:
         _validate(self)

@@ -35,7 +35,7 @@ from typing import Any, cast, overload
 import torch
 from torch import Tensor, nn
 
-from sidflow.collectives import all_reduce_mean_, is_distributed, set_gradient_sync, sum_over_ranks
+from sidflow.collectives import all_reduce_mean_, is_distributed, reshard, set_gradient_sync, sum_over_ranks
 from sidflow.config import SiDConfig
 from sidflow.core import rng
 from sidflow.core.denoiser import Cond, CondSource, Denoiser, FeatureDenoiser, RealSource
@@ -369,8 +369,9 @@ class SiDTrainer:
         non-finite count."""
         loss = torch.zeros((), device=self.device)
         bad = torch.zeros((), dtype=torch.long, device=self.device)
-        for r in range(self.rounds):  # FSDP2: reduce-scatter only in the last round (spec 16, no_sync)
-            set_gradient_sync(network, r == self.rounds - 1)
+        every_round = self.config.train.accumulate == "sharded"
+        for r in range(self.rounds):  # FSDP2: reduce-scatter every round, or only the last (spec 16, no_sync)
+            set_gradient_sync(network, every_round or r == self.rounds - 1)
             per_sample, mask = per_sample_loss(self.draw(phase, iteration, r))
             total, n_bad = masked_sum(per_sample, mask)
             value = total / self.batch_rank
@@ -405,10 +406,11 @@ class SiDTrainer:
             return "warmup"
         return "mix" if self.images_seen > g.mix_kimg * 1000 else "sid"
 
-    @staticmethod
-    def _set_trainable(params: list[nn.Parameter], flag: bool) -> None:
+    def _set_trainable(self, params: list[nn.Parameter], flag: bool) -> None:
         for p in params:
             p.requires_grad_(flag)
+        # FSDP2 without reshard-after-forward: weights gathered in the other phase carry the old flag
+        reshard(cast(nn.Module, self.fake), cast(nn.Module, self.generator))
 
     def _finish_grads(self, trainable: list[nn.Parameter]) -> None:
         if self.world_size > 1 and is_distributed():

@@ -1,10 +1,13 @@
 """Building a run: the teacher adapter, the prompt source, the three networks, sharding, resume.
 
 Spec 2: frozen teacher psi, trainable fake score phi and generator theta, the latter two copies of
-the teacher. Every rank builds the same networks (rank 0's weights are broadcast, DDP's
-``sync_module_states``); under ``train.sharding=fsdp2`` they are then sharded (spec 16) and rank 0
-keeps an unsharded teacher for the report's grids and a frozen scratch copy of the generator into
-which the (EMA) weights are gathered for evaluation and export.
+the teacher. Unsharded, every rank builds the same networks (rank 0's weights are broadcast, DDP's
+``sync_module_states``) and rank 0 keeps a frozen scratch copy of the generator for the EMA
+weights. Under ``train.sharding=fsdp2`` the networks are built shard first (spec 16,
+:mod:`sidflow.run.sharded`): only rank 0 reads the teacher's transformer weights, into host memory,
+and every rank allocates only its shards; the generator that rank 0 evaluates and exports is
+gathered on demand (:func:`eval_generator`) and the host copy of the teacher goes to the device
+only for the report's teacher grids, once training is over (:func:`teacher_for_report`).
 """
 
 from __future__ import annotations
@@ -22,14 +25,15 @@ from sidflow.config import SiDConfig
 from sidflow.data.prompts import PromptSource
 from sidflow.optim import resolve_precision
 from sidflow.run.checkpoint import resume_trainer
-from sidflow.run.distributed import DistContext, fsdp_mesh, gather_into_, shard_networks
+from sidflow.run.distributed import DistContext, fsdp_mesh
 from sidflow.run.registry import resolve_prompts, resolve_teacher_path
+from sidflow.run.sharded import build_sharded_networks, gathered_generator
 from sidflow.trainer import SiDTrainer, generator_state_dict
 
 if TYPE_CHECKING:
     from sidflow.teachers.base import TransformerDenoiser
 
-__all__ = ["RunState", "build_run", "load_run_teacher", "use_fsdp2", "eval_generator", "DTYPES"]
+__all__ = ["RunState", "build_run", "load_run_teacher", "use_fsdp2", "eval_generator", "teacher_for_report", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,8 +49,9 @@ class RunState:
     sharded: bool
 
 
-def load_run_teacher(config: SiDConfig, device: torch.device | str) -> Any:
-    """The teacher adapter of a run, loaded with the run's settings (in bf16 under pure_bf16)."""
+def load_run_teacher(config: SiDConfig, device: torch.device | str, transformer_device: str | None = None) -> Any:
+    """The teacher adapter of a run, loaded with the run's settings (in bf16 under pure_bf16);
+    ``transformer_device`` as :func:`~sidflow.teachers.load_teacher` (shard-first FSDP2)."""
     from sidflow.teachers import load_teacher  # lazy: the diffusers import is slow
 
     tc = config.teacher
@@ -57,6 +62,7 @@ def load_run_teacher(config: SiDConfig, device: torch.device | str) -> Any:
         device=device,
         dtype=torch.bfloat16 if pure else DTYPES[tc.dtype],
         max_sequence_length=tc.max_sequence_length,
+        transformer_device=transformer_device,
     )
 
 
@@ -91,46 +97,38 @@ def _prompt_source(config: SiDConfig, teacher: Any, ctx: DistContext) -> PromptS
     return source if source is not None else build()
 
 
-def _shard(
-    networks: tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser], ctx: DistContext, precision: str
-) -> tuple[tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser], nn.Module | None]:
-    """FSDP2-shard ``(teacher, fake, generator)``; rank 0 keeps unsharded teacher and generator copies.
-
-    Rank 0 shards a copy of the teacher (the adapter's own denoiser stays whole for the teacher
-    grids of the report) and returns a frozen scratch copy of the generator; other ranks shard the
-    teacher in place and get no scratch.
-    """
-    teacher, fake, generator = networks
-    scratch = None
-    if ctx.is_main:
-        scratch = copy.deepcopy(generator).requires_grad_(False)
-        teacher = copy.deepcopy(teacher)
-    shard_networks(teacher, fake, generator, fsdp_mesh(ctx.device), bf16_params=precision == "amp_bf16")
-    if ctx.is_main:
-        print(f"train.sharding=fsdp2: networks sharded over {ctx.world_size} ranks")
-    return (teacher, fake, generator), scratch
-
-
 def build_run(config: SiDConfig, run_dir: Path, ctx: DistContext) -> RunState:
     """This rank's networks and trainer, resumed from the run folder's newest checkpoint if any."""
     sharded = use_fsdp2(config, ctx.world_size)
-    teacher = load_run_teacher(config, ctx.device)
+    # shard first: rank 0 reads the transformer's weights into host memory, the others build it on meta
+    teacher = load_run_teacher(config, ctx.device, ("cpu" if ctx.is_main else "meta") if sharded else None)
     latent_shape = teacher.latent_shape(config.data.resolution)
     source = _prompt_source(config, teacher, ctx)
     precision = resolve_precision(config.train.precision, ctx.device)
     if precision == "amp_bf16" and ctx.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use TF32 (spec 6.3)
         torch.backends.cudnn.allow_tf32 = True
-    networks: tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser] = teacher.make_denoisers(
-        gradient_checkpointing=config.teacher.gradient_checkpointing == "on", precision=precision
-    )
-    for net in networks[1:]:  # before the trainer snapshots its EMA (DDP's sync_module_states)
-        broadcast_module_(net)
+    checkpointing = config.teacher.gradient_checkpointing == "on"
+    networks: tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser]
     scratch = None
     if sharded:
-        networks, scratch = _shard(networks, ctx, precision)
-    elif config.train.ema_halflife_kimg > 0 and ctx.is_main:
-        scratch = copy.deepcopy(networks[2]).requires_grad_(False)
+        networks = build_sharded_networks(
+            teacher.denoiser,
+            fsdp_mesh(ctx.device),
+            ctx.device,
+            precision=precision,
+            gradient_checkpointing=checkpointing,
+            reshard_after_forward=config.train.reshard_after_forward == "on",
+            cpu_offload=config.train.cpu_offload == "on",
+        )
+        if ctx.is_main:
+            print(f"train.sharding=fsdp2: networks built shard first and sharded over {ctx.world_size} ranks")
+    else:
+        networks = teacher.make_denoisers(gradient_checkpointing=checkpointing, precision=precision)
+        for net in networks[1:]:  # before the trainer snapshots its EMA (DDP's sync_module_states)
+            broadcast_module_(net)
+        if config.train.ema_halflife_kimg > 0 and ctx.is_main:
+            scratch = copy.deepcopy(networks[2]).requires_grad_(False)
     trainer = SiDTrainer(*networks, source, latent_shape, config, ctx.device, rank=ctx.rank, world_size=ctx.world_size)
     ckpt = resume_trainer(trainer, run_dir, rank=ctx.rank, sharded=sharded)
     if ckpt is not None and ctx.is_main:
@@ -141,11 +139,28 @@ def build_run(config: SiDConfig, run_dir: Path, ctx: DistContext) -> RunState:
 def eval_generator(run: RunState) -> nn.Module | None:
     """The generator rank 0 evaluates and exports: the EMA weights when on, in the scratch copy.
 
-    Under FSDP2 the (EMA) generator is gathered into rank 0's scratch copy, a collective every rank
-    joins (the others get None).
+    Under FSDP2 the (EMA) generator is gathered on demand into a fresh unsharded copy on rank 0
+    (:func:`~sidflow.run.sharded.gathered_generator`), a collective every rank joins (the others
+    get None); the caller drops it when done.
     """
     trainer = run.trainer
-    if not run.sharded and (trainer.ema is None or run.scratch is None):
+    if run.sharded:
+        return gathered_generator(trainer, run.teacher.denoiser if trainer.rank == 0 else None, ema=True)
+    if trainer.ema is None or run.scratch is None:
         return trainer.generator  # type: ignore[return-value]
-    gather_into_(run.scratch, generator_state_dict(trainer, ema=True))
+    with torch.no_grad():
+        run.scratch.load_state_dict(generator_state_dict(trainer, ema=True))
     return run.scratch
+
+
+def teacher_for_report(run: RunState, device: torch.device) -> Any:
+    """The teacher adapter, ready for the report's teacher grids once training is over.
+
+    Under FSDP2 rank 0's teacher weights sit in host memory during training; the optimizer state is
+    released first (training is over), then they move to the device.
+    """
+    if run.sharded:
+        for opt in (run.trainer.opt_fake, run.trainer.opt_gen):
+            opt.state.clear()
+        run.teacher.denoiser.to(device)
+    return run.teacher

@@ -153,6 +153,7 @@ def shard_networks(
     *,
     reshard_after_forward: bool = True,
     bf16_params: bool = False,
+    cpu_offload: bool = False,
 ) -> None:
     """FSDP2-shard the three networks in place: each transformer block, then the transformer (root).
 
@@ -170,12 +171,16 @@ def shard_networks(
         reshard_after_forward: free the gathered weights after each forward (FULL_SHARD).
         bf16_params: ``train.precision=amp_bf16``: all-gather and compute in bf16, reduce-scatter
             gradients in fp32 (``MixedPrecisionPolicy``); the fp32 shards stay the master weights.
+        cpu_offload: the shards, their gradients and the optimizer state live in host memory
+            (``CPUOffloadPolicy``, pinned on CUDA); each unit is copied to the device to be gathered.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     kw: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if bf16_params:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
 
     done: set[int] = set()
     for net in (teacher, fake, generator):
@@ -226,11 +231,12 @@ def gather_state(
     return {"tensors": tensors, "scalars": state["scalars"]}
 
 
-def gather_into_(module: nn.Module | None, state: dict[str, Tensor]) -> None:
+def gather_into_(module: nn.Module | None, state: dict[str, Tensor], device: torch.device | str | None = None) -> None:
     """Copy ``state`` (sharded or not) into ``module`` tensor by tensor; ``module`` None: only gather.
 
-    Collective under FSDP2: every rank calls it, rank 0 (say) with its unsharded scratch module and
-    the others with None, so at most one full tensor is alive at a time on the other ranks.
+    Collective under FSDP2: every rank calls it, rank 0 (say) with its unsharded module and the
+    others with None, so at most one full tensor is alive at a time on the other ranks. ``device``:
+    where each gathered tensor goes before the copy (``"cpu"``: streamed through host memory).
 
     Raises:
         ConfigError: the keys of ``state`` and ``module``'s state dict differ.
@@ -240,7 +246,7 @@ def gather_into_(module: nn.Module | None, state: dict[str, Tensor]) -> None:
         raise ConfigError(f"state and module disagree on keys, e.g. {sorted(set(target) ^ set(state))[:3]}")
     with torch.no_grad():
         for key, value in state.items():
-            full = _full(value, None)
+            full = _full(value, device)
             if target is not None:
                 target[key].copy_(full)
 

@@ -24,7 +24,7 @@ from typing import Any, cast
 from sidflow.collectives import barrier, mean_over_ranks
 from sidflow.config import SiDConfig, to_dict
 from sidflow.core.denoiser import Denoiser
-from sidflow.run.build import RunState, build_run, eval_generator
+from sidflow.run.build import RunState, build_run, eval_generator, teacher_for_report
 from sidflow.run.checkpoint import save_trainer
 from sidflow.run.distributed import DistContext, init_from_env, shutdown
 from sidflow.run.logging import RunLogger
@@ -156,5 +156,6 @@ def _train(
     result["wall_seconds_before_report"] = time.perf_counter() - start
     from sidflow.run.report import finish_run  # lazy: matplotlib
 
-    finish_run(run_dir, config, run.teacher, final_gen, run.latent_shape, evaluation, result, generators=generators)
+    teacher = teacher_for_report(run, ctx.device)
+    finish_run(run_dir, config, teacher, final_gen, run.latent_shape, evaluation, result, generators=generators)
     return result

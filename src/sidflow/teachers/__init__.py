@@ -85,6 +85,7 @@ def load_teacher(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     max_sequence_length: int | None = None,
+    transformer_device: str | None = None,
 ) -> TeacherBase:
     """Load a teacher (``SD3Teacher``, ``FluxTeacher`` or ``SanaTeacher``).
 
@@ -96,6 +97,9 @@ def load_teacher(
         device: compute device.
         dtype: transformer and VAE weight dtype.
         max_sequence_length: text tokens (SD3 T5: 77, FLUX T5: 512, SANA Gemma: 300 by default).
+        transformer_device: None puts the transformer on ``device`` with the rest; ``"cpu"`` keeps
+            its weights in host memory, ``"meta"`` reads none (built from its config): under
+            shard-first FSDP2 rank 0 loads it on the CPU and the other ranks on meta.
 
     Returns:
         The family's teacher object, with ``.denoiser``, ``encode_prompts``, ``uncond``,
@@ -124,6 +128,7 @@ def load_teacher(
         "dtype": dtype,
         "text_encoder_dtype": text_encoder_dtype,
         "device": device,
+        "transformer_device": transformer_device,
     }
     kwargs["max_sequence_length"] = int(
         max_sequence_length if max_sequence_length is not None else fam.max_sequence_length

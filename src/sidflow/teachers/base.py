@@ -36,6 +36,8 @@ __all__ = [
     "TransformerDenoiser",
     "LatentCodec",
     "three_networks",
+    "configure_networks",
+    "meta_transformer",
     "default_text_encoder_dtype",
     "check_resolution",
     "read_model_index",
@@ -77,6 +79,17 @@ class TransformerDenoiser(nn.Module):
         ):
             v = self._forward(x, t, cond)
         return v.to(out_dtype)  # precision cast: the model's (autocast) dtype -> fp32
+
+    def on_meta(self) -> TransformerDenoiser:
+        """This wrapper around a new transformer of the same class and config on the ``meta`` device
+        (no memory, no weights; its dtype follows this one's): what shard-first construction builds
+        the networks from (:mod:`sidflow.run.sharded`), whatever device this one's weights are on."""
+        source = cast(Any, self.transformer)  # a diffusers ModelMixin
+        with torch.device("meta"):
+            meta = type(source).from_config(dict(source.config))
+        meta.to(self.model_dtype)
+        # every attribute of the wrapper copied, the transformer replaced (never copied)
+        return copy.deepcopy(self, memo={id(self.transformer): meta})
 
     def fsdp_units(self) -> list[nn.Module]:
         """The transformer blocks, each sharded as one FSDP2 unit before the transformer itself."""
@@ -149,16 +162,35 @@ def three_networks(
     Returns:
         ``(teacher, fake, generator)``.
     """
-    teacher.eval().requires_grad_(False)
-    _set_checkpointing(teacher, gradient_checkpointing)
     if not trainable_copies:
+        teacher.eval().requires_grad_(False)
+        _set_checkpointing(teacher, gradient_checkpointing)
         return teacher, teacher, teacher
-    copies = [copy.deepcopy(teacher).train().requires_grad_(True) for _ in range(2)]
+    return configure_networks(
+        teacher, copy.deepcopy(teacher), copy.deepcopy(teacher), gradient_checkpointing, precision
+    )
+
+
+def configure_networks(
+    teacher: TransformerDenoiser,
+    fake: TransformerDenoiser,
+    generator: TransformerDenoiser,
+    gradient_checkpointing: bool = False,
+    precision: str = "fp32",
+) -> tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser]:
+    """The policy of :func:`three_networks` applied in place to three built networks (also ones on
+    the ``meta`` device, before sharding): teacher frozen, the other two trainable, checkpointing,
+    and under ``amp_bf16`` autocast on all three with the teacher stored in bf16."""
+    teacher.eval().requires_grad_(False)
+    for net in (fake, generator):
+        net.train().requires_grad_(True)
+    for net in (teacher, fake, generator):
+        _set_checkpointing(net, gradient_checkpointing)
     if precision == "amp_bf16":
-        for net in (teacher, *copies):
+        for net in (teacher, fake, generator):
             net.autocast_dtype = torch.bfloat16
         teacher.to(torch.bfloat16)
-    return teacher, copies[0], copies[1]
+    return teacher, fake, generator
 
 
 def _set_checkpointing(net: TransformerDenoiser, enabled: bool) -> None:
@@ -384,9 +416,34 @@ class TeacherBase:
         return out
 
 
-def prepare_pipeline(pipe, device: torch.device | str, text_encoder_dtype: torch.dtype | None) -> None:
-    """Move a loaded pipeline to ``device``, cast its text encoders, freeze VAE and text encoders."""
-    pipe.to(device)
+def meta_transformer(cls: type, source: str | Path, dtype: torch.dtype) -> nn.Module:
+    """The pipeline's transformer built from its ``transformer/config.json`` on the ``meta`` device
+    (no weights read): what the ranks other than 0 load under shard-first FSDP2, where only rank 0
+    reads the weights (:mod:`sidflow.run.sharded`)."""
+    config = cast(Any, cls).load_config(str(source), subfolder="transformer")  # diffusers ConfigMixin
+    with torch.device("meta"):
+        model = cast(Any, cls).from_config(config)
+    return model.to(dtype)
+
+
+def transformer_kwargs(cls: type, source: str | Path, dtype: torch.dtype, transformer_device: str | None) -> dict:
+    """``from_pretrained`` keyword for the transformer: a meta-device one when asked, else nothing."""
+    if transformer_device != "meta":
+        return {}
+    return {"transformer": meta_transformer(cls, source, dtype)}
+
+
+def prepare_pipeline(
+    pipe, device: torch.device | str, text_encoder_dtype: torch.dtype | None, transformer_device: str | None = None
+) -> None:
+    """Move a loaded pipeline to ``device``, cast its text encoders, freeze VAE and text encoders.
+
+    ``transformer_device``: None moves the transformer with the rest; ``"cpu"`` keeps its weights in
+    host memory and ``"meta"`` leaves a weightless one (shard-first FSDP2, :mod:`sidflow.run.sharded`).
+    """
+    for name, component in pipe.components.items():
+        if isinstance(component, nn.Module) and not (name == "transformer" and transformer_device is not None):
+            component.to(device)
     te_dtype = default_text_encoder_dtype(device, text_encoder_dtype)
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         encoder = getattr(pipe, name, None)

@@ -28,6 +28,7 @@ from sidflow.teachers.base import (
     TransformerDenoiser,
     load_component,
     prepare_pipeline,
+    transformer_kwargs,
 )
 from sidflow.teachers.families import FAMILIES
 
@@ -155,11 +156,13 @@ def load(
     dtype: torch.dtype = torch.float32,
     text_encoder_dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    transformer_device: str | None = None,
     max_sequence_length: int = FAMILIES["flux"].max_sequence_length,
 ) -> FluxTeacher:
     """Load with diffusers' ``FluxPipeline.from_pretrained`` (hub id or local folder)."""
-    from diffusers import FluxPipeline
+    from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    pipe = load_component(lambda: FluxPipeline.from_pretrained(str(source), dtype=dtype), "pipeline", name)
-    prepare_pipeline(pipe, device, text_encoder_dtype)
+    meta = transformer_kwargs(FluxTransformer2DModel, source, dtype, transformer_device)
+    pipe = load_component(lambda: FluxPipeline.from_pretrained(str(source), dtype=dtype, **meta), "pipeline", name)
+    prepare_pipeline(pipe, device, text_encoder_dtype, transformer_device)
     return FluxTeacher(pipe, time_scale=time_scale, max_sequence_length=max_sequence_length, name=name, device=device)

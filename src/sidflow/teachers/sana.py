@@ -24,7 +24,13 @@ from torch import Tensor, nn
 
 from sidflow.core.denoiser import Cond
 from sidflow.errors import TeacherLoadError
-from sidflow.teachers.base import TeacherBase, TransformerDenoiser, load_component, prepare_pipeline
+from sidflow.teachers.base import (
+    TeacherBase,
+    TransformerDenoiser,
+    load_component,
+    prepare_pipeline,
+    transformer_kwargs,
+)
 from sidflow.teachers.families import FAMILIES
 
 __all__ = ["SanaDenoiser", "SanaTeacher", "load", "default_complex_human_instruction"]
@@ -158,19 +164,21 @@ def load(
     dtype: torch.dtype = torch.float32,
     text_encoder_dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    transformer_device: str | None = None,
     max_sequence_length: int = FAMILIES["sana"].max_sequence_length,
     complex_human_instruction: list[str] | None = None,
 ) -> SanaTeacher:
     """Load with diffusers' ``from_pretrained`` of the folder's own SANA pipeline class."""
-    from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline, SanaTransformer2DModel
 
-    pipe = load_component(lambda: DiffusionPipeline.from_pretrained(str(source), dtype=dtype), "pipeline", name)
+    meta = transformer_kwargs(SanaTransformer2DModel, source, dtype, transformer_device)
+    pipe = load_component(lambda: DiffusionPipeline.from_pretrained(str(source), dtype=dtype, **meta), "pipeline", name)
     if sprint and pipe.transformer.config.guidance_embeds:
         raise TeacherLoadError(
             f"{name} is a SANA-Sprint checkpoint with a guidance embedder; SiD needs the "
             "Sprint *teacher* checkpoint (guidance_embeds=False)"
         )
-    prepare_pipeline(pipe, device, text_encoder_dtype)
+    prepare_pipeline(pipe, device, text_encoder_dtype, transformer_device)
     return SanaTeacher(
         pipe,
         time_scale=time_scale,

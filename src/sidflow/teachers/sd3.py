@@ -24,6 +24,7 @@ from sidflow.teachers.base import (
     load_component,
     prepare_pipeline,
     read_model_index,
+    transformer_kwargs,
 )
 from sidflow.teachers.families import FAMILIES
 
@@ -122,6 +123,7 @@ def load(
     dtype: torch.dtype = torch.float32,
     text_encoder_dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    transformer_device: str | None = None,
     max_sequence_length: int = FAMILIES["sd3"].max_sequence_length,
 ) -> SD3Teacher:
     """Load with diffusers' ``StableDiffusion3Pipeline.from_pretrained`` (hub id or local folder)."""
@@ -133,8 +135,11 @@ def load(
     if Path(source).is_dir():
         index = read_model_index(Path(source))
         absent = {k: None for k, v in index.items() if isinstance(v, list) and v[:1] == [None]}
+    from diffusers import SD3Transformer2DModel
+
+    meta = transformer_kwargs(SD3Transformer2DModel, source, dtype, transformer_device)
     pipe = load_component(
-        lambda: StableDiffusion3Pipeline.from_pretrained(str(source), dtype=dtype, **absent), "pipeline", name
+        lambda: StableDiffusion3Pipeline.from_pretrained(str(source), dtype=dtype, **absent, **meta), "pipeline", name
     )
-    prepare_pipeline(pipe, device, text_encoder_dtype)
+    prepare_pipeline(pipe, device, text_encoder_dtype, transformer_device)
     return SD3Teacher(pipe, time_scale=time_scale, max_sequence_length=max_sequence_length, name=name, device=device)
