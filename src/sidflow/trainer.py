@@ -248,7 +248,9 @@ class SiDTrainer:
     def fake_phase(self, iteration: int) -> dict[str, Any]:
         """One Adam step on the fake score over ``R`` accumulation rounds."""
         k = self.k_for(iteration)
-        self._set_trainable(self.gen_params, False)
+        # The generator stays trainable: it runs under no_grad here, and FSDP2 fixes a network's
+        # gradient dtypes at its first forward from the parameters that require grad then
+        # (a generator first seen frozen would hand bf16 gradients to fp32 shards under amp_bf16).
         self._set_trainable(self.fake_params, True)
         self.opt_fake.zero_grad(set_to_none=True)
         loss, nonfinite = self._accumulate(

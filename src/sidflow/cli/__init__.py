@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("distill", "distill a teacher into a 1-4 step generator by SiD (default: bundled teacher)"),
     "sample": ("sample", "generate images from a finished distillation run"),
     "info": ("info", "describe a teacher: family, parameter counts, latent shapes, memory estimate"),
+    "plan": ("plan", "peak memory per GPU of a run, simulated at true size (will it fit?)"),
     "teacher": ("teacher", "train the bundled tiny teacher (VAE, transformer, evaluator)"),
 }
 

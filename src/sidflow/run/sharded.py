@@ -24,6 +24,7 @@ same :func:`build_sharded_networks` under fake tensors (``fill=False``: they car
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -52,6 +53,7 @@ def build_sharded_networks(
     reshard_after_forward: bool = True,
     cpu_offload: bool = False,
     fill: bool = True,
+    allocation: AbstractContextManager | None = None,
 ) -> Networks:
     """``(teacher, fake, generator)`` built on ``meta``, sharded, then materialised shard by shard.
 
@@ -63,6 +65,7 @@ def build_sharded_networks(
         precision, gradient_checkpointing: as :func:`~sidflow.teachers.base.three_networks`.
         reshard_after_forward, cpu_offload: FSDP2 memory levers (``train.*``).
         fill: copy the teacher's values in (False: ``sidflow plan``, whose tensors are fake).
+        allocation: a context the shards are allocated in (``sidflow plan``: ``FakeTensorMode``).
     """
     networks = configure_networks(
         template.on_meta(), template.on_meta(), template.on_meta(), gradient_checkpointing, precision
@@ -74,8 +77,9 @@ def build_sharded_networks(
         bf16_params=precision == "amp_bf16",
         cpu_offload=cpu_offload,
     )
-    for net in networks:
-        net.to_empty(device=device)  # this rank's shards (FSDP2 moves them to the host under offload)
+    with allocation or nullcontext():
+        for net in networks:
+            net.to_empty(device=device)  # this rank's shards (FSDP2 moves them to the host under offload)
     if fill:
         fill_from_(template, networks, mesh)
     return networks

@@ -20,12 +20,22 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import torch
+
+from sidflow.core.denoiser import Cond
 from sidflow.errors import TeacherLoadError
 from sidflow.teachers.base import check_resolution
 from sidflow.teachers.configs import MODEL_KEYS, TeacherSpec, count_params, meta_model
 from sidflow.teachers.families import FAMILIES
 
-__all__ = ["describe", "RESOLUTIONS", "ACT_BYTES_PER_TOKEN_WIDTH_BLOCK", "FORWARDS_WITH_GRAD"]
+__all__ = [
+    "describe",
+    "latent_shape",
+    "example_cond",
+    "RESOLUTIONS",
+    "ACT_BYTES_PER_TOKEN_WIDTH_BLOCK",
+    "FORWARDS_WITH_GRAD",
+]
 
 RESOLUTIONS = (256, 512, 1024)
 ACT_BYTES_PER_TOKEN_WIDTH_BLOCK = 34
@@ -45,9 +55,13 @@ def _transformer_geometry(family: str, config: dict) -> tuple[int, int, int]:
     return int(config.get("patch_size", 1)), inner, int(config["num_layers"])
 
 
-def _text_shape(family: str, spec: TeacherSpec, tf: dict) -> tuple[int, int, int, int]:
+def _text_shape(
+    family: str, spec: TeacherSpec, tf: dict, max_sequence_length: int | None = None
+) -> tuple[int, int, int, int]:
     """(text tokens fed to the transformer, width, pooled width, mask bytes per token)."""
-    tokens = int(spec.get("settings", {}).get("max_sequence_length", FAMILIES[family].max_sequence_length))
+    tokens = max_sequence_length or int(
+        spec.get("settings", {}).get("max_sequence_length", FAMILIES[family].max_sequence_length)
+    )
     if family in ("sd3", "sd35"):
         return 77 + tokens, int(tf["joint_attention_dim"]), int(tf["pooled_projection_dim"]), 0
     if family == "flux":
@@ -62,6 +76,30 @@ def _latents(family: str, vae: dict, vae_factor: int, token_factor: int, resolut
         return None
     side = resolution // vae_factor
     return (int(vae["latent_channels"]), side, side), (side // token_factor) ** 2
+
+
+def latent_shape(spec: TeacherSpec, resolution: int) -> tuple[int, int, int]:
+    """``(C, H/f, W/f)`` of a spec's unpacked latents (one-line TeacherLoadError if not divisible)."""
+    comps = spec["components"]
+    vae, vae_factor = comps["vae"][2], _vae_factor(comps["vae"][2])
+    token_factor = _transformer_geometry(spec["family"], comps["transformer"][2])[0]
+    check_resolution(resolution, vae_factor * token_factor, f"VAE factor {vae_factor} x patch {token_factor}")
+    side = resolution // vae_factor
+    return int(vae["latent_channels"]), side, side
+
+
+def example_cond(spec: TeacherSpec, batch: int, max_sequence_length: int | None = None) -> Cond:
+    """Zero conditioning shaped as the family's prompt encoder returns it (``sidflow plan``):
+    SD3 ``prompt_embeds [B, 77 + T, D]`` and ``pooled_prompt_embeds``; FLUX ``[B, T, D]`` and
+    pooled; SANA ``[B, T, D]`` with its ``prompt_attention_mask``."""
+    family, tf = spec["family"], spec["components"]["transformer"][2]
+    tokens, width, pooled, mask_bytes = _text_shape(family, spec, tf, max_sequence_length)
+    tensors = {"prompt_embeds": torch.zeros(batch, tokens, width)}
+    if pooled:
+        tensors["pooled_prompt_embeds"] = torch.zeros(batch, pooled)
+    if mask_bytes:
+        tensors["prompt_attention_mask"] = torch.ones(batch, tokens, dtype=torch.long)
+    return Cond(tensors)
 
 
 def describe(spec: TeacherSpec, resolutions: tuple[int, ...] = RESOLUTIONS) -> dict:

@@ -148,6 +148,9 @@ class FluxTeacher(TeacherBase):
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
 
 
+DENOISER = FluxDenoiser  # the wrapper of this family's transformer (sidflow plan builds it on meta)
+
+
 def load(
     source: str | Path,
     *,

@@ -155,6 +155,9 @@ class SanaTeacher(TeacherBase):
         ).to(self.device)
 
 
+DENOISER = SanaDenoiser  # the wrapper of this family's transformer (sidflow plan builds it on meta)
+
+
 def load(
     source: str | Path,
     *,

@@ -115,6 +115,9 @@ class SD3Teacher(TeacherBase):
         scheduler.set_timesteps(num_steps, **kwargs)
 
 
+DENOISER = SD3Denoiser  # the wrapper of this family's transformer (sidflow plan builds it on meta)
+
+
 def load(
     source: str | Path,
     *,
