@@ -53,7 +53,7 @@ from sidflow.errors import ConfigError
 from sidflow.optim import resolve_precision
 from sidflow.run.registry import resolve_teacher_path
 from sidflow.run.sharded import build_sharded_networks
-from sidflow.teachers.base import configure_networks
+from sidflow.teachers.base import TransformerDenoiser, configure_networks
 from sidflow.teachers.configs import TeacherSpec, count_params, meta_model, shipped_config, spec_from_folder
 from sidflow.teachers.describe import example_cond, latent_shape
 from sidflow.teachers.families import get_family
@@ -107,6 +107,18 @@ class _Conds:
         return example_cond(self.spec, batch_size, self.tokens)
 
 
+def _global_peak_only(self, peak_state) -> None:
+    """The trackers' ``_update_peak_stats`` without the per-module peaks (only the job-wide one is
+    read; the per-module loop over every tracked module costs as much as the op itself)."""
+    from copy import deepcopy
+
+    for dev, snap in self._curr_mem_snap.items():
+        total = snap["Total"]
+        if self._peak_mem.get(dev, 0) < total:
+            self._peak_mem[dev] = total
+            self._peak_mem_snap[dev] = deepcopy(snap)
+
+
 def _fsdp_tracker(roots: list[nn.Module], optimizers: list[torch.optim.Optimizer]):
     """``FSDPMemTracker`` over several FSDP roots and every optimizer (it takes one of each), whose
     roots may be called several times per iteration (it refuses a second top-level call, to keep
@@ -117,7 +129,9 @@ def _fsdp_tracker(roots: list[nn.Module], optimizers: list[torch.optim.Optimizer
     class _Tracker(FSDPMemTracker):
         def __init__(self) -> None:
             super().__init__(roots[0], None)
-            self._root_mod = nn.ModuleList(roots)  # instrument all three networks' FSDP states
+            self._root_mod = nn.ModuleList(roots)  # type: ignore[assignment]  # all three networks
+
+        _update_peak_stats = _global_peak_only
 
         def _fsdp_state_pre_forward(self, fsdp_mod, orig_fsdp_state_pre_fw):
             inner = super()._fsdp_state_pre_forward(fsdp_mod, orig_fsdp_state_pre_fw)
@@ -210,7 +224,10 @@ def plan(
     rounds = tc.batch // (world_size * tc.batch_gpu)
     if tc.batch % (world_size * tc.batch_gpu):
         raise ConfigError(f"train.batch={tc.batch} is not a multiple of world size x train.batch_gpu")
-    simulated_rounds = min(rounds, 2)
+    # rounds repeat the same work; what one leaves to the next is its gradients: full ones under
+    # unsharded accumulation (two rounds are simulated), sharded ones otherwise (one round is, and
+    # the gradients the later rounds start with are added to the peak, see _tracked_step)
+    simulated_rounds = min(rounds, 2) if tc.accumulate == "unsharded" else 1
     run_config = dataclasses.replace(
         config,
         train=dataclasses.replace(tc, precision=precision, batch=world_size * tc.batch_gpu * simulated_rounds),
@@ -230,7 +247,17 @@ def plan(
 
         mesh = init_device_mesh("cpu", (world_size,))  # outside the fake mode
         tracked = _iteration(
-            template, mesh, run_config, spec, shape, precision, checkpointing, sharded, fake, world_size
+            template,
+            mesh,
+            run_config,
+            spec,
+            shape,
+            precision,
+            checkpointing,
+            sharded,
+            fake,
+            world_size,
+            rounds_after_first=rounds > simulated_rounds,
         )
     finally:
         dist.destroy_process_group()
@@ -281,6 +308,8 @@ def _iteration(
     sharded: bool,
     fake: bool,
     world_size: int,
+    *,
+    rounds_after_first: bool = False,
 ) -> dict[str, float]:
     """Build the networks and the trainer, run one iteration under the tracker; bytes by category.
 
@@ -310,10 +339,20 @@ def _iteration(
             for net in networks:
                 net.to_empty(device=device)
     with mode:
-        return _tracked_step(networks, config, spec, shape, sharded, fake, world_size, device)
+        return _tracked_step(networks, config, spec, shape, sharded, fake, world_size, device, rounds_after_first)
 
 
-def _tracked_step(networks, config, spec, shape, sharded, fake, world_size, device) -> dict[str, float]:
+def _tracked_step(
+    networks: tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser],
+    config: SiDConfig,
+    spec: TeacherSpec,
+    shape: tuple[int, int, int],
+    sharded: bool,
+    fake: bool,
+    world_size: int,
+    device: torch.device,
+    rounds_after_first: bool,
+) -> dict[str, float]:
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
     from sidflow.trainer import SiDTrainer
@@ -341,6 +380,8 @@ def _tracked_step(networks, config, spec, shape, sharded, fake, world_size, devi
                     self.memory_tracking.pop(module, None)
                 super()._pre_fw_hook(module, inputs)
 
+            _update_peak_stats = _global_peak_only
+
             def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
                 # gradient hooks only where gradients can exist (not on the frozen teacher)
                 hooks = self._param_to_grad_hook_handles
@@ -358,7 +399,21 @@ def _tracked_step(networks, config, spec, shape, sharded, fake, world_size, devi
         trainer.step()
     snapshots = tracker.get_tracker_snapshot("peak")
     snapshot = snapshots.get(device) or next(iter(snapshots.values()))
-    return _breakdown(snapshot)
+    breakdown = _breakdown(snapshot)
+    if rounds_after_first:  # later rounds hold the whole sharded gradient of their network throughout
+        held = max(
+            sum(p.numel() * p.element_size() for p in _local(params))
+            for params in (trainer.fake_params, trainer.gen_params)
+        )
+        breakdown["gradients"] = max(breakdown["gradients"], float(held))
+    return breakdown
+
+
+def _local(params):
+    """This rank's pieces of (possibly FSDP2-sharded) parameters."""
+    from torch.distributed.tensor import DTensor
+
+    return [p.to_local() if isinstance(p, DTensor) else p for p in params]
 
 
 def _allocate_optimizer_state(trainer) -> None:
