@@ -12,9 +12,12 @@ fake score as configured. Prints one JSON line:
 * ``mfu``: FLOPs of one iteration, counted by ``torch.utils.flop_counter.FlopCounterMode`` (the
   recomputation of checkpointing included), times iterations per second, over ``--peak-tflops``
   (default 989: H100/H200 dense bf16);
-* ``sidflow_plan_gib``: ``null`` until ``sidflow plan`` exists.
+* ``sidflow_plan_gib``: what ``sidflow plan`` predicts for the same iteration (its tracked tensors,
+  one GPU, the same precision, batch, checkpointing and k = K; computed on the host first, ~1 min),
+  beside ``plan_ratio`` = measured / predicted. The benchmark has no VAE or text encoder on the GPU,
+  so the plan's fixed terms (VAE, text encoders, overhead) are left out of the comparison.
 
-    python benchmarks/gpu_scale.py                      # SD3-Medium, 1024 px, batch 2, amp_bf16 (~5 min on an H100)
+    python benchmarks/gpu_scale.py       # SD3-Medium, 1024 px, batch 8 (the plan's 1-GPU fit), amp_bf16
     python benchmarks/gpu_scale.py --tiny --device cpu --precision fp32 --iterations 2   # smoke test
 """
 
@@ -74,16 +77,39 @@ def _transformer_config(tiny: bool) -> dict:
     return spec["components"]["transformer"][2]
 
 
+def _plan_gib(args) -> float:
+    """``sidflow plan``'s tracked peak (GiB) for this benchmark's iteration on one GPU."""
+    from sidflow.config import DataConfig, TeacherConfig
+    from sidflow.run.plan import plan
+
+    if args.tiny:
+        from sidflow.testing import tiny_pipeline
+
+        path = str(tiny_pipeline("sd3", Path(tempfile.mkdtemp(prefix="gpu-scale-plan-"))))
+    else:
+        path = "stabilityai/stable-diffusion-3-medium-diffusers"  # the shipped config: no download
+    config = SiDConfig(
+        teacher=TeacherConfig(path=path, time_scale=1000.0, gradient_checkpointing="on"),
+        generator=GeneratorConfig(num_steps=4),
+        guidance=GuidanceConfig(kappa1=4.5, kappa2=4.5, kappa4=4.5),
+        train=TrainConfig(batch=args.batch_gpu, batch_gpu=args.batch_gpu, precision=args.precision),
+        data=DataConfig(resolution=args.resolution),
+    )
+    return float(plan(config, world_size=1)["tracked_peak_gib"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--resolution", type=int, default=1024)
-    p.add_argument("--batch-gpu", type=int, default=2)
+    p.add_argument("--batch-gpu", type=int, default=8)
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--precision", default="amp_bf16", choices=["fp32", "amp_bf16", "pure_bf16"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak")
     p.add_argument("--tiny", action="store_true", help="the tiny SD3 test architecture (smoke test)")
+    p.add_argument("--no-plan", action="store_true", help="skip the sidflow plan prediction")
     args = p.parse_args()
+    planned = None if args.no_plan else _plan_gib(args)
     from diffusers import SD3Transformer2DModel
 
     device = torch.device(args.device)
@@ -149,7 +175,10 @@ def main() -> None:
                 else None,
                 "tflops_per_iteration": flops / 1e12,
                 "mfu": flops / per_iteration / (args.peak_tflops * 1e12),
-                "sidflow_plan_gib": None,
+                "sidflow_plan_gib": planned,
+                "plan_ratio": torch.cuda.max_memory_allocated(device) / 2**30 / planned
+                if device.type == "cuda" and planned
+                else None,
                 "loss_gen": loss,
             }
         )

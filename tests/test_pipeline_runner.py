@@ -29,6 +29,7 @@ def test_short_pipeline_run_writes_a_complete_run_folder(tmp_path):
         "teacher.time_scale=1000",
         "teacher.gradient_checkpointing=off",
         f"data.prompts={prompts}",
+        f"data.cache_dir={tmp_path / 'cache'}",
         "data.resolution=32",
         "train.batch=4",
         "train.batch_gpu=2",

@@ -47,7 +47,8 @@ _WORKER = textwrap.dedent("""
     common = [f"teacher.path={teacher_path}", "teacher.time_scale=1000", "teacher.gradient_checkpointing=on",
         "data.resolution=32", "train.batch=4", "train.batch_gpu=1", "train.total_kimg=none", "train.max_steps=1",
         "guidance.kappa1=2", "optim.lr=1e-3", "optim.glr=1e-3", "train.ema_halflife_kimg=0.01",
-        "train.sharding=fsdp2", "eval.kind=none", f"data.prompts={out / 'prompts.txt'}"]
+        "train.sharding=fsdp2", "eval.kind=none", f"data.prompts={out / 'prompts.txt'}",
+        f"data.cache_dir={out / 'cache'}"]
 
     def units(net):
         return [m for m in net.transformer.modules() if isinstance(m, FSDPModule)]

@@ -82,6 +82,15 @@ class StochasticRoundingAdam(torch.optim.Optimizer):
     ) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
         self.seed, self.stream = int(seed), str(stream)
+        # each parameter's step count on the host (``state["step"]`` is its checkpointed tensor
+        # copy, read once after a load): the bias corrections and the rounding key need an int, and
+        # reading it from the tensor every step is a host read (a data-dependent one under fake
+        # tensors, sidflow plan)
+        self._host_steps: dict[int, int] = {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._host_steps.clear()
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
@@ -93,10 +102,15 @@ class StochasticRoundingAdam(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
+                    self._host_steps[id(p)] = 0
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                step = self._host_steps.get(id(p))
+                if step is None:
+                    step = int(state["step"])  # once per parameter after a load: a CPU scalar
                 state["step"] += 1
-                step = int(state["step"])  # a host read of a CPU scalar, not a device sync
+                step += 1
+                self._host_steps[id(p)] = step
                 grad = p.grad.float()
                 state["exp_avg"].lerp_(grad, 1 - beta1)
                 state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)

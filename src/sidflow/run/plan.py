@@ -223,7 +223,10 @@ def plan(
     sharded = tc.sharding == "fsdp2" and world_size > 1
     rounds = tc.batch // (world_size * tc.batch_gpu)
     if tc.batch % (world_size * tc.batch_gpu):
-        raise ConfigError(f"train.batch={tc.batch} is not a multiple of world size x train.batch_gpu")
+        raise ConfigError(
+            f"train.batch={tc.batch} is not a multiple of world size {world_size} x train.batch_gpu="
+            f"{tc.batch_gpu}; pick a train.batch_gpu or --world-size that divides it"
+        )
     # rounds repeat the same work; what one leaves to the next is its gradients: full ones under
     # unsharded accumulation (two rounds are simulated), sharded ones otherwise (one round is, and
     # the gradients the later rounds start with are added to the peak, see _tracked_step)

@@ -1,9 +1,21 @@
 """Named presets: the registry, and the real-teacher presets.
 
-Real-teacher presets follow the spec's defaults (section 10: kappa 4.5 everywhere, lr = glr = 5e-6,
-Adam (0, 0.999), global batch 256, micro-batch 8, 4-step generator, 1 M images) at each model's HF
-release resolution (section 6.5); they need a GPU node. Plugins register their own (the bundled
-``digits`` default, the ``gmm-*`` analytic runs) through :func:`register_preset`.
+Real-teacher presets follow the spec's defaults (section 10: kappa 4.5 everywhere, Adam (0, 0.999),
+global batch 256, micro-batch 8, 4-step generator, 1 M images) at each model's HF release resolution
+(section 6.5), with the memory setup ``sidflow plan`` found to fit 80 GB GPUs (README, "Memory"):
+``train.precision=auto`` (``amp_bf16`` on CUDA: fp32 master weights and Adam, bf16 autocast),
+``train.sharding=fsdp2`` (shard first over torchrun's ranks; one process runs unsharded), gradient
+checkpointing of all three networks, and prompt embeddings cached on disk (``data.cache_dir``) so the
+text encoders leave the GPU once every prompt is encoded.
+
+Learning rate (spec 6.2): the reference gives two AMP values, 1e-6 in its README ("AMP (autocast
+bf16) + FSDP", stated for every model) and 5e-6 in its only stored launch script, which is
+SANA-600M's. The presets take each where it was actually stated: 5e-6 for the SANA teachers (the
+scripted run), 1e-6 for SD3/SD3.5/FLUX (the README's AMP + FSDP setting, which is exactly the
+presets' setup; 5x smaller steps on 2-12 B models is also the safer side of the two). Under
+``train.precision=pure_bf16`` the reference's README uses 1e-5 (with Adam eps 1e-4, our default).
+Plugins register their own presets (the bundled ``digits`` default, the ``gmm-*`` analytic runs)
+through :func:`register_preset`.
 """
 
 from __future__ import annotations
@@ -55,18 +67,30 @@ REAL_TEACHERS: dict[str, tuple[str, int]] = {
 }
 
 
+PROMPT_CACHE = "prompt_cache"  # data.cache_dir of the real-teacher presets (relative to the working directory)
+
+
 def _real(hub_id: str, resolution: int) -> SiDConfig:
     spec = shipped_config(hub_id)
     assert spec is not None, hub_id  # every preset's hub id has a shipped config
     family = FAMILIES[spec["family"]]
+    lr = 5e-6 if family.name.startswith("sana") else 1e-6  # see the module docstring
     return SiDConfig(
         teacher=TeacherConfig(kind="pipeline", path=hub_id, dtype="float32", gradient_checkpointing="on"),
         guidance=GuidanceConfig(
             kappa1=4.5, kappa2=4.5, kappa4=4.5, embedded_teacher=4.5 if family.embedded_guidance else None
         ),
-        optim=OptimConfig(lr=5e-6, glr=5e-6),
-        train=TrainConfig(batch=256, batch_gpu=8, total_kimg=1000.0, log_every=10, ckpt_every=100),
-        data=DataConfig(prompts="prompts.txt", resolution=resolution),
+        optim=OptimConfig(lr=lr, glr=lr),
+        train=TrainConfig(
+            batch=256,
+            batch_gpu=8,
+            total_kimg=1000.0,
+            log_every=10,
+            ckpt_every=100,
+            precision="auto",
+            sharding="fsdp2",
+        ),
+        data=DataConfig(prompts="prompts.txt", resolution=resolution, cache_dir=PROMPT_CACHE),
     )
 
 
