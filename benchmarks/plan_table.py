@@ -10,6 +10,11 @@ preset's global batch 256, the search takes the first setup that fits, in this o
 2. 8 GPUs with 4, 2, 1 samples per GPU;
 3. 8 GPUs with FSDP2 CPU offload, 8 .. 1 samples per GPU.
 
+A setup whose resident training state alone cannot fit is skipped without planning it: with
+``amp_bf16`` every rank holds at least 30 bytes per transformer parameter over the GPUs (bf16
+teacher 2, fp32 fake score and generator 8, their Adam moments 16, one network's fp32 gradients 4),
+a lower bound of what the plan measures, so the skip never hides a fit.
+
     python benchmarks/plan_table.py [--gpu-memory-gib 80] [--only sd3-medium-4step] [--out FILE.json]
 
 Each plan takes about 0.5-2.5 minutes here (one process, one thread); the whole table ~25 minutes.
@@ -49,10 +54,21 @@ def _setups():
         yield 8, batch_gpu, "on"
 
 
+def _transformer_params(config) -> int:
+    from sidflow.run.plan import teacher_spec
+    from sidflow.teachers.configs import count_params, meta_model
+
+    return count_params(meta_model(*teacher_spec(config.teacher.path)["components"]["transformer"]))
+
+
 def smallest_fit(preset: str, resolution: int | None, gpu_gib: float) -> dict:
     """The first setup of :func:`_setups` that fits, with every plan tried on the way."""
     tried = []
+    params = _transformer_params(resolve_config(preset, []))
     for gpus, batch_gpu, offload in _setups():
+        if offload == "off" and 30 * params / gpus / 2**30 > gpu_gib:
+            tried.append({"gpus": gpus, "batch_gpu": batch_gpu, "cpu_offload": offload, "skipped": "state > GPU"})
+            continue
         overrides = [*BASE, f"train.batch_gpu={batch_gpu}", f"train.cpu_offload={offload}"]
         overrides.append(f"train.sharding={'fsdp2' if gpus > 1 else 'none'}")
         if resolution is not None:
@@ -79,12 +95,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
     parser.add_argument("--only", default=None, help="one preset")
+    parser.add_argument("--start-at", default=None, help="skip the rows before this preset")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
     start, results = time.perf_counter(), []
+    started = args.start_at is None
     for preset, resolution in ROWS:
-        if args.only and preset != args.only:
+        started = started or preset == args.start_at
+        if not started or (args.only and preset != args.only):
             continue
         results.append(smallest_fit(preset, resolution, args.gpu_memory_gib))
         if args.out:

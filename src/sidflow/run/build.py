@@ -153,14 +153,26 @@ def eval_generator(run: RunState) -> nn.Module | None:
     return run.scratch
 
 
-def teacher_for_report(run: RunState, device: torch.device) -> Any:
-    """The teacher adapter, ready for the report's teacher grids once training is over.
-
-    Under FSDP2 rank 0's teacher weights sit in host memory during training; the optimizer state is
-    released first (training is over), then they move to the device.
-    """
+def release_optimizer_state(run: RunState) -> None:
+    """Free both optimizers' state once the last checkpoint is written (FSDP2 runs: every rank frees
+    its shards of it), before rank 0 gathers the generator and moves the teacher for the report."""
     if run.sharded:
         for opt in (run.trainer.opt_fake, run.trainer.opt_gen):
             opt.state.clear()
-        run.teacher.denoiser.to(device)
+
+
+def teacher_for_report(run: RunState, device: torch.device) -> Any:
+    """The teacher adapter, ready for the report's teacher grids once training is over.
+
+    Under FSDP2 rank 0's teacher weights sit in host memory during training; they move to the device
+    now, in bf16 with bf16 autocast under ``amp_bf16``, as the frozen teacher trained
+    (:func:`~sidflow.teachers.base.configure_networks`).
+    """
+    if run.sharded:
+        denoiser = run.teacher.denoiser
+        if run.trainer.precision == "amp_bf16":
+            denoiser.autocast_dtype = torch.bfloat16
+            denoiser.to(device, torch.bfloat16)
+        else:
+            denoiser.to(device)
     return run.teacher

@@ -203,9 +203,18 @@ def fsdp_mesh(device: torch.device):
 
 
 def _full(value: Tensor, device: torch.device | str | None) -> Tensor:
+    """The whole of a (possibly sharded) tensor; a shard offloaded to the host (FSDP2 CPU offload)
+    is gathered on the mesh's device, since an NCCL group cannot gather host tensors."""
     from torch.distributed.tensor import DTensor
 
-    value = value.full_tensor() if isinstance(value, DTensor) else value
+    if isinstance(value, DTensor):
+        local, mesh = value.to_local(), value.device_mesh
+        if local.device.type != mesh.device_type:
+            on_mesh = local.to(mesh.device_type if mesh.device_type != "cuda" else torch.cuda.current_device())
+            value = DTensor.from_local(
+                on_mesh, mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride()
+            )
+        value = value.full_tensor()
     return value if device is None else value.to(device)
 
 

@@ -24,7 +24,7 @@ from typing import Any, cast
 from sidflow.collectives import barrier, mean_over_ranks
 from sidflow.config import SiDConfig, to_dict
 from sidflow.core.denoiser import Denoiser
-from sidflow.run.build import RunState, build_run, eval_generator, teacher_for_report
+from sidflow.run.build import RunState, build_run, eval_generator, release_optimizer_state, teacher_for_report
 from sidflow.run.checkpoint import save_trainer
 from sidflow.run.distributed import DistContext, init_from_env, shutdown
 from sidflow.run.logging import RunLogger
@@ -87,6 +87,7 @@ def _train(
         student = eval_generator(run)
         if evaluation is not None and student is not None:
             history.append(evaluation.score_student(cast(Denoiser, student), trainer.images_seen))
+        del student  # under FSDP2 a gathered copy: not kept through training
 
     train_seconds = 0.0
     while trainer.iteration < total:
@@ -116,6 +117,7 @@ def _train(
                 log.row(row)
                 kept = selector.offer(row, student) if selector is not None else []
                 log.say(evaluation.describe(row) + kept_note(kept, selector))
+            del student  # under FSDP2 a gathered copy: not kept through training
         if tc.ckpt_every and it % tc.ckpt_every == 0 and it != total:
             save_trainer(trainer, run_dir, to_dict(config), is_main=main, sharded=run.sharded, keep=tc.keep_checkpoints)
 
@@ -125,6 +127,7 @@ def _train(
         "train_seconds": train_seconds,
     }
     ckpt = save_trainer(trainer, run_dir, to_dict(config), is_main=main, sharded=run.sharded, keep=tc.keep_checkpoints)
+    release_optimizer_state(run)  # training is over: room for the gathered generator and the teacher
     final_gen = eval_generator(run)
     if log is None or ckpt is None or final_gen is None:
         return {"rank": ctx.rank, **result}

@@ -30,7 +30,13 @@ What the simulation cannot see, and how it is accounted for:
   text encoders leave it once every prompt is cached (counted unless ``data.cache_dir`` is set or
   the prompt file has at most ``data.cache_size`` prompts); the CUDA context, NCCL buffers and
   allocator fragmentation are a fixed ``overhead_gib``;
-* the generator EMA is counted as optimiser state.
+* the generator EMA is counted as optimiser state;
+* under ``train.cpu_offload=on`` the parameters, gradients and optimiser state at the peak are
+  reported as ``host_offloaded_gib`` and left out of the GPU peak (the unit copied to the GPU to be
+  gathered is counted with the all-gather buffers); an approximation: the GPU-only peak may fall at
+  another moment than the tracked one;
+* it measures training: rank 0's evaluation and export add a gathered generator (bf16 under
+  ``amp_bf16``) after the optimiser state is freed at the end, and during training next to it.
 """
 
 from __future__ import annotations
@@ -180,10 +186,11 @@ def _prompt_count(config: SiDConfig) -> int | None:
     return sum(1 for line in path.read_text().splitlines() if line.strip())
 
 
-def _aux_bytes(spec: TeacherSpec, config: SiDConfig) -> tuple[float, float, bool]:
+def _aux_bytes(spec: TeacherSpec, config: SiDConfig, precision: str) -> tuple[float, float, bool]:
     """(VAE bytes, text-encoder bytes on the GPU, whether the text encoders are offloaded)."""
     comps = spec["components"]
-    vae = count_params(meta_model(*comps["vae"])) * _BYTES[config.teacher.dtype]
+    vae_bytes = 2 if precision == "pure_bf16" else _BYTES[config.teacher.dtype]  # loaded with the transformer
+    vae = count_params(meta_model(*comps["vae"])) * vae_bytes
     text = sum(count_params(meta_model(*comps[k])) for k in comps if k.startswith("text_encoder")) * 2  # bf16
     count = _prompt_count(config)
     offloaded = config.data.cache_dir is not None or (count is not None and count <= config.data.cache_size)
@@ -265,8 +272,15 @@ def plan(
     finally:
         dist.destroy_process_group()
 
-    vae, text, offloaded = _aux_bytes(spec, config)
+    vae, text, offloaded = _aux_bytes(spec, config, precision)
     breakdown = {k: v / GIB for k, v in tracked.items()}
+    host_gib = 0.0
+    if sharded and tc.cpu_offload == "on":
+        # CPUOffloadPolicy keeps the shards, their gradients and the Adam state in host memory; the
+        # simulation (all on one device) counts them at the peak: they are moved out of the GPU sum
+        for key in ("parameters", "gradients", "optimizer_state"):
+            host_gib += breakdown[key]
+            breakdown[key] = 0.0
     breakdown["vae"] = vae / GIB
     breakdown["text_encoders"] = text / GIB
     breakdown["overhead"] = overhead_gib
@@ -293,6 +307,7 @@ def plan(
         "gpu_memory_gib": gpu_memory_gib,
         "peak_gib_per_rank": peak,
         "tracked_peak_gib": sum(tracked.values()) / GIB,
+        "host_offloaded_gib": host_gib,
         "fits": peak <= gpu_memory_gib,
         "breakdown_gib": breakdown,
         "simulated": "fake tensors" if fake else "real tensors",

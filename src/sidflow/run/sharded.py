@@ -16,9 +16,10 @@ Spec 2 and 16. No rank ever holds a full copy of a network it trains with:
    networks at once.
 
 Evaluation, grids and export use :func:`gathered_generator`: a fresh unsharded copy of the (EMA)
-generator on rank 0, filled tensor by tensor through host memory (each full tensor exists on the
-device only while it is being gathered) and dropped by the caller when it is done with it; nothing
-is kept between evaluations. ``sidflow plan`` (:mod:`sidflow.run.plan`) builds its networks with the
+generator on rank 0 (in bf16 under ``amp_bf16``, the weights it computes with), filled tensor by
+tensor through host memory (each full tensor exists on the device only while it is being gathered)
+and dropped by the caller when it is done with it; nothing is kept between evaluations.
+``sidflow plan`` (:mod:`sidflow.run.plan`) builds its networks with the
 same :func:`build_sharded_networks` under fake tensors (``fill=False``: they carry no values).
 """
 
@@ -140,12 +141,14 @@ def gathered_generator(trainer: SiDTrainer, template: TransformerDenoiser | None
         state.update(trainer.ema)
     clone = None
     if template is not None:
-        clone = template.on_meta().to(next(generator.parameters()).dtype)
-        clone.autocast_dtype = cast(Any, generator).autocast_dtype
+        # amp_bf16: the weights it computes with (bf16), half the memory of the fp32 masters
+        autocast = cast(Any, generator).autocast_dtype
+        clone = template.on_meta().to(autocast or next(generator.parameters()).dtype)
+        clone.autocast_dtype = autocast
         clone.to_empty(device="cpu").requires_grad_(False).eval()
         live_buffers = dict(generator.named_buffers())
         with torch.no_grad():
             for name, buffer in clone.named_buffers():  # replicated; non-persistent ones are not in `state`
                 buffer.copy_(live_buffers[name])
-    gather_into_(clone, state, device="cpu")
+    gather_into_(clone, state, device="cpu" if clone is not None else None)
     return None if clone is None else clone.to(trainer.device)
