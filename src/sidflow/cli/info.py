@@ -12,36 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from sidflow.errors import TeacherLoadError
+from sidflow.teachers.configs import resolve_spec
 
 __all__ = ["main", "resolve_spec", "format_report", "markdown_table"]
 
 GIB = 1024**3
-
-
-def resolve_spec(path_or_id: str, family: str | None = None, time_scale: float | None = None) -> dict:
-    """Shipped spec of a hub id / stem, or a spec read from a local pipeline folder."""
-    from pathlib import Path
-
-    from sidflow.teachers import FAMILIES, detect_family
-    from sidflow.teachers.base import SIDFLOW_TEACHER_FILE, read_model_index
-    from sidflow.teachers.configs import shipped_config, shipped_specs, spec_from_folder
-
-    folder = Path(path_or_id).expanduser()
-    if folder.is_dir():
-        side = folder / SIDFLOW_TEACHER_FILE
-        sidecar = json.loads(side.read_text()) if side.is_file() else None
-        fam = family or detect_family(read_model_index(folder), str(folder), sidecar)
-        if time_scale is None:
-            time_scale = (sidecar or {}).get("time_scale") or FAMILIES[fam].time_scale
-        return spec_from_folder(folder, fam, float(time_scale))
-    spec = shipped_config(path_or_id)
-    if spec is None:
-        known = ", ".join(h for s in shipped_specs().values() for h in s["hub_ids"])
-        raise TeacherLoadError(
-            f"no local folder and no shipped config for '{path_or_id}'; pass a pipeline folder or one of: {known}"
-        )
-    return spec
 
 
 def _gib(n: int) -> str:

@@ -60,7 +60,7 @@ from sidflow.optim import resolve_precision
 from sidflow.run.registry import resolve_teacher_path
 from sidflow.run.sharded import build_sharded_networks
 from sidflow.teachers.base import TransformerDenoiser, configure_networks
-from sidflow.teachers.configs import TeacherSpec, count_params, meta_model, shipped_config, spec_from_folder
+from sidflow.teachers.configs import TeacherSpec, count_params, meta_model, resolve_spec
 from sidflow.teachers.describe import example_cond, latent_shape
 from sidflow.teachers.families import get_family
 
@@ -83,21 +83,7 @@ _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 def teacher_spec(path: str) -> TeacherSpec:
     """The architecture of ``teacher.path``: a shipped config (hub id, registered name) or a folder."""
-    resolved = resolve_teacher_path(path)
-    folder = Path(resolved).expanduser()
-    if folder.is_dir():
-        from sidflow.teachers import detect_family
-        from sidflow.teachers.base import read_model_index
-
-        family = detect_family(read_model_index(folder), str(folder))
-        return spec_from_folder(folder, family, get_family(family).time_scale)
-    spec = shipped_config(resolved)
-    if spec is None:
-        raise ConfigError(
-            f"no shipped config for {resolved!r} and no such folder; plan a supported hub id "
-            "(sidflow info lists them) or a local pipeline folder"
-        )
-    return spec
+    return resolve_spec(resolve_teacher_path(path))
 
 
 class _Conds:

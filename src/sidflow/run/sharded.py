@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from sidflow.run.distributed import shard_networks
+from sidflow.run.distributed import gather_into_, shard_networks
 from sidflow.teachers.base import configure_networks
 
 if TYPE_CHECKING:
@@ -133,8 +133,6 @@ def gathered_generator(trainer: SiDTrainer, template: TransformerDenoiser | None
     to the host and dropped from the device before the next), then moved to the device whole. The
     caller drops it when done: no copy stays resident between evaluations.
     """
-    from sidflow.run.distributed import gather_into_
-
     generator = cast(nn.Module, trainer.generator)
     state: dict[str, Tensor] = dict(generator.state_dict())
     if ema and trainer.ema is not None:

@@ -18,7 +18,15 @@ from torch import nn
 
 from sidflow.errors import TeacherLoadError
 
-__all__ = ["TeacherSpec", "shipped_specs", "shipped_config", "spec_from_folder", "meta_model", "count_params"]
+__all__ = [
+    "TeacherSpec",
+    "shipped_specs",
+    "shipped_config",
+    "spec_from_folder",
+    "resolve_spec",
+    "meta_model",
+    "count_params",
+]
 
 TeacherSpec = dict  # {"name", "family", "pipeline", "hub_ids", "settings", "components"} (+ "time_scale")
 MODEL_KEYS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -66,6 +74,29 @@ def spec_from_folder(folder: Path, family: str, time_scale: float) -> TeacherSpe
         "settings": {},
         "components": components,
     }
+
+
+def resolve_spec(path_or_id: str, family: str | None = None, time_scale: float | None = None) -> dict:
+    """Shipped spec of a hub id / stem, or a spec read from a local pipeline folder."""
+    from sidflow.teachers import detect_family  # lazy: the package imports this module
+    from sidflow.teachers.base import SIDFLOW_TEACHER_FILE, read_model_index
+    from sidflow.teachers.families import FAMILIES
+
+    folder = Path(path_or_id).expanduser()
+    if folder.is_dir():
+        side = folder / SIDFLOW_TEACHER_FILE
+        sidecar = json.loads(side.read_text()) if side.is_file() else None
+        fam = family or detect_family(read_model_index(folder), str(folder), sidecar)
+        if time_scale is None:
+            time_scale = (sidecar or {}).get("time_scale") or FAMILIES[fam].time_scale
+        return spec_from_folder(folder, fam, float(time_scale))
+    spec = shipped_config(path_or_id)
+    if spec is None:
+        known = ", ".join(h for s in shipped_specs().values() for h in s["hub_ids"])
+        raise TeacherLoadError(
+            f"no local folder and no shipped config for '{path_or_id}'; pass a pipeline folder or one of: {known}"
+        )
+    return spec
 
 
 def meta_model(library: str, class_name: str, config: dict) -> nn.Module:
