@@ -28,6 +28,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "GANConfig",
+    "LoraConfig",
     "DataConfig",
     "EvalConfig",
     "SiDConfig",
@@ -221,6 +222,27 @@ class GANConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA mode (:mod:`sidflow.teachers.lora`): one frozen base, fake score and generator two adapters."""
+
+    rank: int = 0  # LoRA rank; 0 = off: three full copies (the reference)
+    alpha: float | None = None  # LoRA alpha (adapter scale alpha / rank); None = rank (scale 1)
+    targets: tuple[str, ...] | None = None  # module-name suffixes inside the blocks; None = the family's
+    # "on": one base shared by teacher, fake score and generator; "off": a LoRA generator on full copies
+    share_base: Literal["on", "off"] = "on"
+    # gradient checkpointing of the teacher's and fake score's passes on the shared base: "recompute"
+    # (under the adapter state of their forward) or "off" (only the generator's passes are recomputed)
+    critic_checkpointing: Literal["recompute", "off"] = "recompute"
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        if self.rank < 0:
+            raise ConfigError(f"lora.rank={self.rank} must be >= 0 (0 = full copies, no LoRA)")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ConfigError(f"lora.alpha={self.alpha} must be > 0 (or none: alpha = rank)")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     prompts: str = ""  # prompt file (one per line) or "builtin:NAME" (e.g. builtin:digits)
     resolution: int = 512  # image resolution; latents are resolution / VAE factor
@@ -263,6 +285,7 @@ class SiDConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     gan: GANConfig = field(default_factory=GANConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -22,6 +22,7 @@ import copy
 import json
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -31,11 +32,13 @@ from torch import Tensor, nn
 from sidflow.core.denoiser import Cond
 from sidflow.core.sampling import euler_sample
 from sidflow.errors import TeacherLoadError
+from sidflow.teachers.lora import AdapterSwitch, LoraSpec, add_adapters, adapter_of
 
 __all__ = [
     "TransformerDenoiser",
     "LatentCodec",
     "three_networks",
+    "lora_networks",
     "configure_networks",
     "meta_transformer",
     "default_text_encoder_dtype",
@@ -64,6 +67,7 @@ class TransformerDenoiser(nn.Module):
     """
 
     fsdp_blocks: tuple[str, ...] = ()
+    lora_targets: tuple[str, ...] = ()
 
     def __init__(self, transformer: nn.Module, time_scale: float) -> None:
         super().__init__()
@@ -72,13 +76,55 @@ class TransformerDenoiser(nn.Module):
         # train.precision=amp_bf16: the transformer runs under autocast to this dtype (None: off);
         # inputs, outputs and everything after them stay fp32
         self.autocast_dtype: torch.dtype | None = None
+        # LoRA mode (sidflow.teachers.lora): the transformer's adapter switch, and the adapter this
+        # view runs with (None: the base, adapters off); None/None outside LoRA mode
+        self.lora: AdapterSwitch | None = None
+        self.adapter: str | None = None
 
     def _run(self, x: Tensor, t: Tensor, cond: Cond, out_dtype: torch.dtype) -> Tensor:
-        with torch.autocast(
-            x.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None
+        with (
+            self.lora.use(self.adapter) if self.lora is not None else nullcontext(),
+            torch.autocast(
+                x.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None
+            ),
         ):
             v = self._forward(x, t, cond)
         return v.to(out_dtype)  # precision cast: the model's (autocast) dtype -> fp32
+
+    # ---- LoRA views: each exposes only its own weights (the base, or its adapter) ---------------
+    def view(self, adapter: str | None) -> TransformerDenoiser:
+        """Another wrapper of this one's transformer (shared, never copied) running ``adapter``."""
+        view = copy.deepcopy(self, memo={id(self.transformer): self.transformer, id(self.lora): self.lora})
+        view.adapter = adapter
+        return view
+
+    def _owns(self, key: str) -> bool:
+        return self.lora is None or adapter_of(key) == self.adapter
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        for name, param in super().named_parameters(prefix, recurse, remove_duplicate):
+            if self._owns(name):
+                yield name, param
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        state = super().state_dict(*args, **kwargs)
+        if self.lora is not None:
+            for key in [k for k in state if not self._owns(k)]:
+                del state[key]
+        return state
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        if self.lora is None:
+            return super().load_state_dict(state_dict, strict, assign)
+        own = set(self.state_dict())
+        missing, unexpected = sorted(own - set(state_dict)), sorted(set(state_dict) - own)
+        if strict and (missing or unexpected):
+            raise RuntimeError(
+                f"state dict does not match the {self.adapter or 'base'} weights of this LoRA view: "
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        super().load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False, assign=assign)
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     def on_meta(self) -> TransformerDenoiser:
         """This wrapper around a new transformer of the same class and config on the ``meta`` device
@@ -88,8 +134,11 @@ class TransformerDenoiser(nn.Module):
         with torch.device("meta"):
             meta = type(source).from_config(dict(source.config))
         meta.to(self.model_dtype)
-        # every attribute of the wrapper copied, the transformer replaced (never copied)
-        return copy.deepcopy(self, memo={id(self.transformer): meta})
+        # every attribute of the wrapper copied, the transformer replaced (never copied); the copy of a
+        # LoRA view is a plain wrapper (adapters are put on the copy by whoever needs them)
+        clone = copy.deepcopy(self, memo={id(self.transformer): meta, id(self.lora): None})
+        clone.adapter = None
+        return clone
 
     def fsdp_units(self) -> list[nn.Module]:
         """The transformer blocks, each sharded as one FSDP2 unit before the transformer itself."""
@@ -145,6 +194,8 @@ def three_networks(
     trainable_copies: bool = True,
     gradient_checkpointing: bool = False,
     precision: str = "fp32",
+    lora: LoraSpec | None = None,
+    seed: int = 0,
 ) -> tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser]:
     """Spec 2: frozen teacher psi, fake score phi and generator theta from one teacher.
 
@@ -158,6 +209,8 @@ def three_networks(
         precision: ``"amp_bf16"`` (spec 6.3): the three run under bf16 autocast, the trainable two
             keep fp32 master weights and the frozen teacher is stored in bf16 (half its memory; it
             gets no gradient). ``pure_bf16`` needs nothing here: the pipeline is loaded in bf16.
+        lora: LoRA mode (:func:`lora_networks`): adapters on the teacher's own transformer (no copy
+            unless ``lora.share_base`` is off), initialised from ``seed``.
 
     Returns:
         ``(teacher, fake, generator)``.
@@ -166,9 +219,31 @@ def three_networks(
         teacher.eval().requires_grad_(False)
         _set_checkpointing(teacher, gradient_checkpointing)
         return teacher, teacher, teacher
+    if lora is not None:
+        return configure_networks(*lora_networks(teacher, lora, seed=seed), gradient_checkpointing, precision)
     return configure_networks(
         teacher, copy.deepcopy(teacher), copy.deepcopy(teacher), gradient_checkpointing, precision
     )
+
+
+def lora_networks(
+    teacher: TransformerDenoiser, spec: LoraSpec, *, seed: int = 0
+) -> tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser]:
+    """LoRA mode (:mod:`sidflow.teachers.lora`): the ``fake`` and ``generator`` adapters put on the
+    teacher's transformer, and three views of it (teacher: adapters off). ``spec.share_base`` off:
+    three full copies, each carrying the adapters, each view on its own copy. The adapters are fp32
+    (the trainable masters) unless the base is bf16 with no autocast (pure_bf16)."""
+    base_dtype = teacher.model_dtype
+    dtype = base_dtype if base_dtype == torch.float64 else torch.float32
+    if base_dtype == torch.bfloat16 and teacher.autocast_dtype is None:
+        dtype = torch.bfloat16
+    teacher.lora = add_adapters(teacher.transformer, spec, teacher.fsdp_blocks, seed=seed, dtype=dtype)
+    teacher.adapter = None
+    if spec.share_base:
+        return teacher, teacher.view("fake"), teacher.view("generator")
+    fake, generator = copy.deepcopy(teacher), copy.deepcopy(teacher)  # each copy brings its own switch
+    fake.adapter, generator.adapter = "fake", "generator"
+    return teacher, fake, generator
 
 
 def configure_networks(
@@ -180,7 +255,9 @@ def configure_networks(
 ) -> tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser]:
     """The policy of :func:`three_networks` applied in place to three built networks (also ones on
     the ``meta`` device, before sharding): teacher frozen, the other two trainable, checkpointing,
-    and under ``amp_bf16`` autocast on all three with the teacher stored in bf16."""
+    and under ``amp_bf16`` autocast on all three with the teacher stored in bf16. LoRA views: only
+    their own weights are frozen or trained (the base always frozen), and under ``amp_bf16`` every
+    base is stored in bf16 while the adapters keep fp32 masters."""
     teacher.eval().requires_grad_(False)
     for net in (fake, generator):
         net.train().requires_grad_(True)
@@ -189,15 +266,20 @@ def configure_networks(
     if precision == "amp_bf16":
         for net in (teacher, fake, generator):
             net.autocast_dtype = torch.bfloat16
-        teacher.to(torch.bfloat16)
+        if teacher.lora is None:
+            teacher.to(torch.bfloat16)
+        for net in (teacher, fake, generator) if teacher.lora is not None else ():
+            for key, param in nn.Module.named_parameters(net):  # every weight, the view's filter aside
+                if adapter_of(key) is None:
+                    param.data = param.data.to(torch.bfloat16)
     return teacher, fake, generator
 
 
 def _set_checkpointing(net: TransformerDenoiser, enabled: bool) -> None:
     transformer = cast(Any, net.transformer)  # diffusers ModelMixin methods
     if getattr(transformer, "_supports_gradient_checkpointing", False):
-        if enabled:
-            transformer.enable_gradient_checkpointing()
+        if enabled:  # LoRA: recompute under the adapter of the forward (sidflow.teachers.lora)
+            transformer.enable_gradient_checkpointing(net.lora.checkpoint if net.lora is not None else None)
         elif transformer.is_gradient_checkpointing:
             transformer.disable_gradient_checkpointing()
 
@@ -348,10 +430,15 @@ class TeacherBase:
         return self.codec.decode(latents.to(self.device))
 
     def make_denoisers(
-        self, trainable_copies: bool = True, gradient_checkpointing: bool = False, precision: str = "fp32"
+        self,
+        trainable_copies: bool = True,
+        gradient_checkpointing: bool = False,
+        precision: str = "fp32",
+        lora: LoraSpec | None = None,
+        seed: int = 0,
     ) -> tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser]:
         """``(teacher, fake, generator)``: see :func:`three_networks`."""
-        return three_networks(self.denoiser, trainable_copies, gradient_checkpointing, precision)
+        return three_networks(self.denoiser, trainable_copies, gradient_checkpointing, precision, lora, seed)
 
     def text_encoders(self) -> list[nn.Module]:
         return [

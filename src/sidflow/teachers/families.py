@@ -8,6 +8,7 @@ info``, presets, FSDP sharding). Spec 1.1 (time scales), 2 (text encoders), 16 (
 * ``max_sequence_length``: text tokens per prompt (SD3: the T5 part, the reference's 77, on top of
   77 CLIP tokens; FLUX: T5 512; SANA: Gemma 300).
 * ``fsdp_blocks``: the transformer's block lists, each block one FSDP2 unit (spec 16).
+* ``lora_targets``: the layers LoRA mode puts adapters on (``lora.targets``' default).
 * ``embedded_guidance``: the transformer takes FLUX-style embedded guidance as an input.
 """
 
@@ -28,15 +29,36 @@ class Family:
     time_scale: float
     max_sequence_length: int
     fsdp_blocks: tuple[str, ...]
+    lora_targets: tuple[str, ...]
     embedded_guidance: bool = False
 
 
 _BLOCKS = ("transformer_blocks",)
+# LoRA targets (``lora.targets`` default): attention and MLP projections inside the blocks, as
+# module-name suffixes (sidflow.teachers.lora.target_modules); the joint blocks' text stream included
+_JOINT = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)
+# FLUX's single-stream blocks add their fused MLP in and out; SANA's MLP is 1x1 convolutions
+# (GLUMBConv; its depthwise convolution is left out)
+_FLUX = (*_JOINT, "proj_mlp", "proj_out")
+_SANA = ("to_q", "to_k", "to_v", "to_out.0", "ff.conv_inverted", "ff.conv_point")
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("sd3", "sd3", "StableDiffusion3Pipeline", 1000.0, 77, _BLOCKS),
-        Family("sd35", "sd3", "StableDiffusion3Pipeline", 1000.0, 77, _BLOCKS),
+        Family("sd3", "sd3", "StableDiffusion3Pipeline", 1000.0, 77, _BLOCKS, _JOINT),
+        Family("sd35", "sd3", "StableDiffusion3Pipeline", 1000.0, 77, _BLOCKS, _JOINT),
         Family(
             "flux",
             "flux",
@@ -44,10 +66,11 @@ FAMILIES: dict[str, Family] = {
             1.0,
             512,
             ("transformer_blocks", "single_transformer_blocks"),
+            _FLUX,
             embedded_guidance=True,
         ),
-        Family("sana", "sana", "SanaPipeline", 1000.0, 300, _BLOCKS),
-        Family("sana_sprint", "sana", "SanaSprintPipeline", 1.0, 300, _BLOCKS),
+        Family("sana", "sana", "SanaPipeline", 1000.0, 300, _BLOCKS, _SANA),
+        Family("sana_sprint", "sana", "SanaSprintPipeline", 1.0, 300, _BLOCKS, _SANA),
     )
 }
 # diffusers pipeline class -> family (SD3.5 checkpoints use the SD3 pipeline class)

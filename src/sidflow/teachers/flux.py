@@ -63,6 +63,7 @@ class FluxDenoiser(TransformerDenoiser):
     """Wraps ``FluxTransformer2DModel``: packing, position ids, embedded guidance."""
 
     fsdp_blocks = FAMILIES["flux"].fsdp_blocks
+    lora_targets = FAMILIES["flux"].lora_targets
 
     def __init__(
         self, transformer: nn.Module, time_scale: float = FAMILIES["flux"].time_scale, embedded_guidance: float = 1.0

@@ -49,6 +49,7 @@ class SanaDenoiser(TransformerDenoiser):
     """Wraps ``SanaTransformer2DModel``: ``v = transformer(x_t, embeds, mask, time_scale * t)``."""
 
     fsdp_blocks = FAMILIES["sana"].fsdp_blocks
+    lora_targets = FAMILIES["sana"].lora_targets
 
     def __init__(self, transformer: nn.Module, time_scale: float) -> None:
         if cast(Any, transformer).config.guidance_embeds:  # a diffusers ConfigMixin attribute

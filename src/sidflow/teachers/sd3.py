@@ -37,6 +37,7 @@ class SD3Denoiser(TransformerDenoiser):
     """Wraps ``SD3Transformer2DModel``: ``v = transformer(x_t, time_scale * t, embeds, pooled)``."""
 
     fsdp_blocks = FAMILIES["sd3"].fsdp_blocks
+    lora_targets = FAMILIES["sd3"].lora_targets
 
     def _forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
         return self.transformer(

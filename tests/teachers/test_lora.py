@@ -1,0 +1,153 @@
+"""LoRA mode (sidflow.teachers.lora): one shared base against three full copies, adapter switching
+under gradient checkpointing, and what the views expose."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import generator_gradients
+
+from sidflow.config import GeneratorConfig, GuidanceConfig, LoraConfig, OptimConfig, SiDConfig, TrainConfig
+from sidflow.core import rng
+from sidflow.data.prompts import PromptSource
+from sidflow.errors import ConfigError
+from sidflow.teachers import load_teacher
+from sidflow.teachers.lora import adapter_of, lora_spec, target_modules
+from sidflow.trainer import SiDTrainer
+
+PROMPTS = ["a red cat", "two dogs on a hill", "a blue house"]
+DTYPE = torch.float64
+
+
+def _spec(family_targets, share_base: str, **kw):
+    spec = lora_spec(LoraConfig(rank=4, alpha=8, share_base=share_base, **kw), family_targets)
+    assert spec is not None
+    return spec
+
+
+@torch.no_grad()
+def _perturb_adapters(nets) -> None:
+    """Non-zero B (and A) in every adapter, keyed by name: fake, generator and teacher all differ, so
+    a pass run under the wrong adapter changes the numbers."""
+    seen = set()
+    for net in nets:
+        for key, p in torch.nn.Module.named_parameters(net):
+            if adapter_of(key) is not None and id(p) not in seen:
+                seen.add(id(p))
+                g = rng.keyed_generator(11, key)
+                p.copy_(0.05 * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+
+
+def _trainer(family, tiny, *, share_base: str, checkpointing: bool, **lora_kw):
+    teacher = load_teacher(tiny(family), dtype=DTYPE, text_encoder_dtype=torch.float32)
+    spec = _spec(teacher.denoiser.lora_targets, share_base, **lora_kw)
+    nets = teacher.make_denoisers(gradient_checkpointing=checkpointing, lora=spec, seed=3)
+    _perturb_adapters(nets)
+    config = SiDConfig(
+        generator=GeneratorConfig(num_steps=2),
+        guidance=GuidanceConfig(kappa1=2.0, kappa2=2.0, kappa4=2.0, embedded_teacher=3.5 if family == "flux" else None),
+        optim=OptimConfig(lr=1e-3, glr=1e-3),
+        train=TrainConfig(batch=2, batch_gpu=2, seed=5),
+    )
+    trainer = SiDTrainer(*nets, PromptSource(PROMPTS, teacher), teacher.latent_shape(32), config)
+    return teacher, trainer
+
+
+def _one_iteration(trainer):
+    iteration = next(i for i in range(50) if trainer.k_for(i) == 2)  # the step with both a no-grad and a grad pass
+    trainer.fake_phase(iteration)
+    generator_gradients(trainer, iteration)
+    grads = {n: p.grad.clone() for n, p in trainer.generator.named_parameters()}
+    fake = {n: p.detach().clone() for n, p in trainer.fake.named_parameters()}
+    return grads, fake
+
+
+def _base(trainer):
+    return {n: p.detach().clone() for n, p in trainer.teacher.named_parameters()}
+
+
+def _assert_close(a: dict, b: dict, rtol: float = 1e-9) -> None:
+    assert set(a) == set(b)
+    scale = max(float(v.abs().max()) for v in b.values())
+    assert scale > 0
+    for key in a:
+        assert float((a[key] - b[key]).abs().max()) <= rtol * scale, key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_base_equals_full_copies(family, checkpointing, tiny):
+    _, separate = _trainer(family, tiny, share_base="off", checkpointing=False)
+    _, shared = _trainer(family, tiny, share_base="on", checkpointing=checkpointing)
+    # one base: the three views share every base weight; each adapter view exposes only its adapter
+    assert shared.teacher.transformer is shared.fake.transformer is shared.generator.transformer
+    assert separate.teacher.transformer is not separate.generator.transformer
+    assert all(adapter_of(n) == "generator" for n, _ in shared.generator.named_parameters())
+    assert all(adapter_of(n) == "fake" for n in shared.fake.state_dict())
+    assert all(adapter_of(n) is None for n, _ in shared.teacher.named_parameters())
+    base_before = _base(shared)
+    grads_sep, fake_sep = _one_iteration(separate)
+    grads_sh, fake_sh = _one_iteration(shared)
+    _assert_close(fake_sh, fake_sep)
+    _assert_close(grads_sh, grads_sep)
+    shared.step()  # and a whole iteration with both Adam steps: the base never moves
+    for key, value in _base(shared).items():
+        assert torch.equal(value, base_before[key]), key
+    assert all(p.grad is None for p in shared.teacher.parameters())
+
+
+@pytest.mark.slow
+def test_critic_checkpointing_off_equals_recompute(tiny):
+    _, recompute = _trainer("sd3", tiny, share_base="on", checkpointing=True)
+    _, off = _trainer("sd3", tiny, share_base="on", checkpointing=True, critic_checkpointing="off")
+    _assert_close(_one_iteration(off)[0], _one_iteration(recompute)[0])
+
+
+@pytest.mark.slow
+def test_plain_checkpointing_on_a_shared_base_is_wrong(tiny):
+    """Negative control (spec 16): diffusers' own checkpoint function recomputes the critics' passes
+    under whichever adapter is active at backward time. Here the fake score's pass is recomputed with
+    adapters off; torch notices the graph changed and stops, and where the graphs agree (one adapter
+    recomputed as another) the gradients come out silently wrong."""
+    from torch.utils.checkpoint import CheckpointError
+
+    _, separate = _trainer("sd3", tiny, share_base="off", checkpointing=False)
+    _, naive = _trainer("sd3", tiny, share_base="on", checkpointing=True)
+    naive.generator.transformer.enable_gradient_checkpointing()  # the default function, no adapter state
+    grads_ref, _ = _one_iteration(separate)
+    try:
+        grads_naive, _ = _one_iteration(naive)
+    except CheckpointError:
+        return
+    worst = max(float((grads_naive[k] - grads_ref[k]).abs().max()) for k in grads_ref)
+    assert worst > 1e-4 * max(float(v.abs().max()) for v in grads_ref.values())
+
+
+def test_teacher_view_is_the_base(tiny):
+    plain = load_teacher(tiny("sd3"), dtype=DTYPE, text_encoder_dtype=torch.float32)
+    teacher, trainer = _trainer("sd3", tiny, share_base="on", checkpointing=False)
+    x = torch.randn(2, *teacher.latent_shape(32), generator=torch.Generator().manual_seed(0), dtype=DTYPE)
+    t = torch.tensor([0.3, 0.8], dtype=DTYPE)
+    cond = plain.encode_prompts(PROMPTS[:2])
+    with torch.no_grad():
+        v_base = plain.denoiser.velocity(x, t, cond)
+        v_teacher = trainer.teacher.velocity(x, t, cond)
+        v_gen = trainer.generator.velocity(x, t, cond)
+        v_teacher_again = trainer.teacher.velocity(x, t, cond)
+    assert torch.equal(v_teacher, v_base)
+    assert torch.equal(v_teacher_again, v_base)  # the switch is restored after each view's pass
+    assert not torch.allclose(v_gen, v_base)
+
+
+def test_targets_and_bad_settings(tiny):
+    teacher = load_teacher(tiny("flux"), dtype=torch.float32)
+    names = target_modules(teacher.denoiser.transformer, teacher.denoiser.fsdp_blocks, teacher.denoiser.lora_targets)
+    assert "proj_out" not in names  # the final projection is not a block layer
+    assert any(n.startswith("single_transformer_blocks.") and n.endswith(".proj_out") for n in names)
+    assert any(n.endswith("attn.to_q") for n in names) and any(n.endswith("ff.net.2") for n in names)
+    with pytest.raises(ConfigError, match="lora.targets=nothing_here matches no linear layer"):
+        target_modules(teacher.denoiser.transformer, teacher.denoiser.fsdp_blocks, ("nothing_here",))
+    with pytest.raises(ConfigError, match="lora.rank=-1"):
+        LoraConfig(rank=-1)
+    assert lora_spec(LoraConfig(), ("to_q",)) is None
