@@ -151,3 +151,93 @@ def test_targets_and_bad_settings(tiny):
     with pytest.raises(ConfigError, match="lora.rank=-1"):
         LoraConfig(rank=-1)
     assert lora_spec(LoraConfig(), ("to_q",)) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_exported_lora_and_merged_pipeline_reproduce_sidflow(family, tiny, tmp_path):
+    """The generator's LoRA alone, loaded into the stock pipeline with ``load_lora_weights`` (and the
+    merged pipeline folder), gives sidflow's samples for the same noise at 1 and 2 steps."""
+    import json
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sidflow.core.generator import generate, generator_step_times
+    from sidflow.core.guidance import with_embedded_guidance
+    from sidflow.run.export import LORA_FILE, SETTINGS_FILE, export_generator, export_lora
+    from sidflow.testing import load_pipeline
+
+    teacher = load_teacher(tiny(family), dtype=torch.float32)
+    nets = teacher.make_denoisers(lora=_spec(teacher.denoiser.lora_targets, "on"), seed=3)
+    _perturb_adapters(nets)
+    generator = nets[2].requires_grad_(False)
+    config = SiDConfig(generator=GeneratorConfig(num_steps=2, noise_type="ddim"), lora=LoraConfig(rank=4, alpha=8))
+    lora_dir = export_lora(teacher, generator, tmp_path / "lora", config)
+    merged_dir = export_generator(teacher, generator, tmp_path / "merged", config)
+    assert (lora_dir / LORA_FILE).is_file()
+    settings = json.loads((lora_dir / SETTINGS_FILE).read_text())
+    # sidflow's side: the generator view on the shared base; FLUX gets its embedded guidance in cond
+    prompts, shape = ["a red cat", "a blue house"], teacher.latent_shape(32)
+    cond = with_embedded_guidance(teacher.encode_prompts(prompts), 1.0 if family == "flux" else None)
+    z = torch.randn(2, *shape, generator=torch.Generator().manual_seed(4))
+    step_times = generator_step_times(2, 1.0, None)
+    stock_lora = load_pipeline(tiny(family))
+    stock_lora.scheduler = FlowMatchEulerDiscreteScheduler(**settings["scheduler"])
+    stock_lora.load_lora_weights(str(lora_dir), weight_name=LORA_FILE)
+    merged = type(stock_lora).from_pretrained(str(merged_dir))
+    extra = {"max_sequence_length": teacher.max_sequence_length, "guidance_scale": 1.0}
+    for steps in (1, 2):
+        with torch.no_grad():
+            ours = generate(generator, cond, shape, steps=steps, step_times=step_times, noise_type="ddim", z=z)
+        for pipe in (stock_lora, merged):
+            latents = z if family != "flux" else pipe._pack_latents(z, 2, shape[0], shape[1], shape[2])
+            out = pipe(
+                prompts,
+                sigmas=settings["sigmas"][:steps],
+                latents=latents,
+                height=32,
+                width=32,
+                output_type="latent",
+                **extra,
+            ).images
+            if family == "flux":
+                out = pipe._unpack_latents(out, 32, 32, pipe.vae_scale_factor)
+            torch.testing.assert_close(out, ours, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.slow
+def test_lora_checkpoint_holds_adapters_only_and_resumes_exactly(tiny, tmp_path):
+    from sidflow.config import to_dict
+    from sidflow.run.checkpoint import read_generator, resume_trainer, save_trainer
+
+    teacher = load_teacher(tiny("sd3"), dtype=torch.float32)
+    spec = _spec(teacher.denoiser.lora_targets, "on")
+    config = SiDConfig(
+        generator=GeneratorConfig(num_steps=2),
+        optim=OptimConfig(lr=1e-3, glr=1e-3),
+        train=TrainConfig(batch=2, batch_gpu=1, seed=5, ema_halflife_kimg=0.01),
+        lora=LoraConfig(rank=4, alpha=8),
+    )
+
+    def trainer(seed):
+        nets = teacher.make_denoisers(lora=spec, seed=seed) if seed == 3 else _fresh_views(tiny, spec, seed)
+        return SiDTrainer(*nets, PromptSource(PROMPTS, teacher), teacher.latent_shape(32), config)
+
+    a = trainer(3)
+    for _ in range(2):
+        a.step()
+    path = save_trainer(a, tmp_path, to_dict(config), is_main=True, sharded=False)
+    assert path is not None
+    saved = read_generator(path)
+    assert saved and all(adapter_of(k) == "generator" for k in saved)  # no base weight in a checkpoint
+    b = trainer(9)  # other adapter weights: everything must come from the checkpoint
+    assert resume_trainer(b, tmp_path, rank=0, sharded=False) == path
+    for _ in range(2):
+        a.step(), b.step()
+    for (ka, va), (kb, vb) in zip(a.state_dict()["tensors"].items(), b.state_dict()["tensors"].items(), strict=True):
+        assert ka == kb and torch.equal(va, vb), ka
+
+
+def _fresh_views(tiny, spec, seed):
+    other = load_teacher(tiny("sd3"), dtype=torch.float32)
+    return other.make_denoisers(lora=spec, seed=seed)

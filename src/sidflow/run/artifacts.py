@@ -20,6 +20,7 @@ from sidflow.core.generator import generate, generator_step_times
 from sidflow.core.guidance import with_embedded_guidance
 from sidflow.errors import ConfigError
 from sidflow.run.build import load_run_teacher
+from sidflow.teachers.lora import lora_spec
 from sidflow.run.checkpoint import latest_checkpoint, read_generator, read_network
 from sidflow.run.selection import snapshot_path
 
@@ -44,7 +45,10 @@ def load_run_generator(
     config = from_json(cfg_path.read_text())
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_run_teacher(config, device)
-    generator = load_run_weights(run_dir, copy.deepcopy(teacher.denoiser).requires_grad_(False), steps=steps, ema=ema)
+    lora = lora_spec(config.lora, teacher.denoiser.lora_targets)
+    # LoRA runs: the generator adapter on the teacher's own transformer (the teacher view stays the base)
+    network = teacher.make_denoisers(lora=lora)[2] if lora is not None else copy.deepcopy(teacher.denoiser)
+    generator = load_run_weights(run_dir, network.requires_grad_(False).eval(), steps=steps, ema=ema)
     return config, teacher, generator, teacher.latent_shape(config.data.resolution)
 
 

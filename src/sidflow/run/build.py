@@ -12,7 +12,6 @@ only for the report's teacher grids, once training is over (:func:`teacher_for_r
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,7 @@ from sidflow.run.checkpoint import resume_trainer
 from sidflow.run.distributed import DistContext, fsdp_mesh
 from sidflow.run.registry import resolve_prompts, resolve_teacher_path
 from sidflow.run.sharded import build_sharded_networks, gathered_generator
+from sidflow.teachers.lora import copy_sharing_base, lora_spec
 from sidflow.trainer import SiDTrainer, generator_state_dict
 
 if TYPE_CHECKING:
@@ -109,6 +109,7 @@ def build_run(config: SiDConfig, run_dir: Path, ctx: DistContext) -> RunState:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use TF32 (spec 6.3)
         torch.backends.cudnn.allow_tf32 = True
     checkpointing = config.teacher.gradient_checkpointing == "on"
+    lora = lora_spec(config.lora, teacher.denoiser.lora_targets)
     networks: tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser]
     scratch = None
     if sharded:
@@ -124,11 +125,13 @@ def build_run(config: SiDConfig, run_dir: Path, ctx: DistContext) -> RunState:
         if ctx.is_main:
             print(f"train.sharding=fsdp2: networks built shard first and sharded over {ctx.world_size} ranks")
     else:
-        networks = teacher.make_denoisers(gradient_checkpointing=checkpointing, precision=precision)
+        networks = teacher.make_denoisers(
+            gradient_checkpointing=checkpointing, precision=precision, lora=lora, seed=config.train.seed
+        )
         for net in networks[1:]:  # before the trainer snapshots its EMA (DDP's sync_module_states)
             broadcast_module_(net)
         if config.train.ema_halflife_kimg > 0 and ctx.is_main:
-            scratch = copy.deepcopy(networks[2]).requires_grad_(False)
+            scratch = copy_sharing_base(networks[2]).requires_grad_(False)  # LoRA: the base is shared
     trainer = SiDTrainer(*networks, source, latent_shape, config, ctx.device, rank=ctx.rank, world_size=ctx.world_size)
     ckpt = resume_trainer(trainer, run_dir, rank=ctx.rank, sharded=sharded)
     if ckpt is not None and ctx.is_main:

@@ -16,7 +16,7 @@ from sidflow.core.guidance import with_embedded_guidance
 from sidflow.core.rng import randn_per_sample
 from sidflow.eval.protocol import Evaluation
 from sidflow.eval.report import plot_metrics, save_labelled_grids, write_report
-from sidflow.run.export import export_generator
+from sidflow.run.export import LORA_DIR, export_generator, export_lora
 from sidflow.run.registry import resolve_prompts
 
 __all__ = ["finish_run"]
@@ -178,6 +178,8 @@ def finish_run(
         plot_metrics(result["history"], run_dir / "metrics.png", reference=reference, marks=marks)
         images["FID and prompt accuracy against training images"] = "metrics.png"
     export_generator(teacher, generator, run_dir / "generator_pipeline", config)
+    if config.lora.rank > 0:
+        export_lora(teacher, generator, run_dir / LORA_DIR, config)
     summary = [
         f"teacher: `{config.teacher.path}`; preset `{config.name}`",
         f"{result['iterations']} iterations, {result['images_seen']} generator images, "

@@ -24,7 +24,6 @@ evaluation row and the criterion, so a resumed run keeps comparing against it.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any, cast
 from torch import nn
 
 from sidflow.errors import ConfigError
+from sidflow.teachers.lora import copy_sharing_base
 from sidflow.run.checkpoint import is_checkpoint, load_checkpoint, load_module_weights, write_checkpoint
 
 __all__ = [
@@ -190,7 +190,7 @@ def selected_generators(
     for k in steps:
         seen = (selector.row_for(k) or final)["images_seen"]
         if seen not in loaded:
-            loaded[seen] = selector.load_into(copy.deepcopy(final_gen), k)
+            loaded[seen] = selector.load_into(copy_sharing_base(final_gen), k)
         out[k] = loaded[seen]
     return out
 

@@ -63,6 +63,7 @@ __all__ = [
     "is_adapter_key",
     "diffusers_lora_state",
     "fused_transformer",
+    "copy_sharing_base",
     "adapter_config",
 ]
 
@@ -254,6 +255,16 @@ def diffusers_lora_state(tensors: dict[str, Tensor], adapter: str = "generator")
     return out
 
 
+def copy_sharing_base(module: nn.Module) -> nn.Module:
+    """A copy of a network for other weights of it (the EMA, kept snapshots): in LoRA mode its own
+    adapter weights over the *same* base tensors (the base is never copied); otherwise a deep copy."""
+    memo: dict[int, Any] = {}
+    if getattr(module, "lora", None) is not None:
+        named = [*nn.Module.named_parameters(module), *module.named_buffers()]  # every weight, no view filter
+        memo = {id(t): t for key, t in named if adapter_of(key) is None}
+    return copy.deepcopy(module, memo)
+
+
 def fused_transformer(transformer: nn.Module, adapter: str = "generator") -> nn.Module:
     """A copy of ``transformer`` with ``adapter`` merged into its base weights and every LoRA layer
     removed (diffusers' ``fuse_lora`` then ``unload_lora``): a plain model of the stock class."""
@@ -264,8 +275,4 @@ def fused_transformer(transformer: nn.Module, adapter: str = "generator") -> nn.
             layer._active_adapter = [adapter]
     fused.fuse_lora(adapter_names=[adapter])
     fused.unload_lora()
-    for attr in ("_sidflow_lora", "peft_config"):
-        if hasattr(fused, attr):
-            delattr(fused, attr)
-    fused._hf_peft_config_loaded = False
     return fused
