@@ -27,7 +27,7 @@ from sidflow.run.checkpoint import resume_trainer
 from sidflow.run.distributed import DistContext, fsdp_mesh
 from sidflow.run.registry import resolve_prompts, resolve_teacher_path
 from sidflow.run.sharded import build_sharded_networks, gathered_generator
-from sidflow.teachers.lora import copy_sharing_base, lora_spec
+from sidflow.teachers.lora import LoraSpec, copy_sharing_base, lora_spec
 from sidflow.trainer import SiDTrainer, generator_state_dict
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ class RunState:
     trainer: SiDTrainer
     scratch: nn.Module | None
     sharded: bool
+    lora: LoraSpec | None = None
 
 
 def load_run_teacher(config: SiDConfig, device: torch.device | str, transformer_device: str | None = None) -> Any:
@@ -121,6 +122,8 @@ def build_run(config: SiDConfig, run_dir: Path, ctx: DistContext) -> RunState:
             gradient_checkpointing=checkpointing,
             reshard_after_forward=config.train.reshard_after_forward == "on",
             cpu_offload=config.train.cpu_offload == "on",
+            lora=lora,
+            seed=config.train.seed,
         )
         if ctx.is_main:
             print(f"train.sharding=fsdp2: networks built shard first and sharded over {ctx.world_size} ranks")
@@ -136,7 +139,7 @@ def build_run(config: SiDConfig, run_dir: Path, ctx: DistContext) -> RunState:
     ckpt = resume_trainer(trainer, run_dir, rank=ctx.rank, sharded=sharded)
     if ckpt is not None and ctx.is_main:
         print(f"resumed from {ckpt} (iteration {trainer.iteration})")
-    return RunState(teacher, latent_shape, trainer, scratch, sharded)
+    return RunState(teacher, latent_shape, trainer, scratch, sharded, lora)
 
 
 def eval_generator(run: RunState) -> nn.Module | None:
@@ -148,7 +151,7 @@ def eval_generator(run: RunState) -> nn.Module | None:
     """
     trainer = run.trainer
     if run.sharded:
-        return gathered_generator(trainer, run.teacher.denoiser if trainer.rank == 0 else None, ema=True)
+        return gathered_generator(trainer, run.teacher.denoiser if trainer.rank == 0 else None, ema=True, lora=run.lora)
     if trainer.ema is None or run.scratch is None:
         return trainer.generator  # type: ignore[return-value]
     with torch.no_grad():

@@ -25,6 +25,7 @@ same :func:`build_sharded_networks` under fake tensors (``fill=False``: they car
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, cast
 
@@ -33,7 +34,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sidflow.run.distributed import gather_into_, shard_networks
-from sidflow.teachers.base import configure_networks
+from sidflow.teachers.base import configure_networks, lora_networks
+from sidflow.teachers.lora import LoraSpec, init_adapters_
 
 if TYPE_CHECKING:
     from sidflow.teachers.base import TransformerDenoiser
@@ -55,6 +57,8 @@ def build_sharded_networks(
     cpu_offload: bool = False,
     fill: bool = True,
     allocation: AbstractContextManager | None = None,
+    lora: LoraSpec | None = None,
+    seed: int = 0,
 ) -> Networks:
     """``(teacher, fake, generator)`` built on ``meta``, sharded, then materialised shard by shard.
 
@@ -67,10 +71,15 @@ def build_sharded_networks(
         reshard_after_forward, cpu_offload: FSDP2 memory levers (``train.*``).
         fill: copy the teacher's values in (False: ``sidflow plan``, whose tensors are fake).
         allocation: a context the shards are allocated in (``sidflow plan``: ``FakeTensorMode``).
+        lora, seed: LoRA mode (:mod:`sidflow.teachers.lora`): the three are views of one base,
+            sharded once (``lora.share_base`` off: three copies), the adapters initialised from
+            ``seed`` after the fill, each rank its own piece of the same keyed draw.
     """
-    networks = configure_networks(
-        template.on_meta(), template.on_meta(), template.on_meta(), gradient_checkpointing, precision
-    )
+    if lora is not None:
+        meta = lora_networks(template.on_meta(), lora, seed=seed)
+    else:
+        meta = (template.on_meta(), template.on_meta(), template.on_meta())
+    networks = configure_networks(*meta, gradient_checkpointing, precision)
     shard_networks(
         *networks,
         mesh,
@@ -79,16 +88,28 @@ def build_sharded_networks(
         cpu_offload=cpu_offload,
     )
     with allocation or nullcontext():
-        for net in networks:
-            net.to_empty(device=device)  # this rank's shards (FSDP2 moves them to the host under offload)
+        for transformer in _distinct_transformers(networks):
+            transformer.to_empty(device=device)  # this rank's shards (FSDP2 moves them to the host under offload)
     if fill:
         fill_from_(template, networks, mesh)
+        for transformer in _distinct_transformers(networks) if lora is not None else ():
+            init_adapters_(transformer, seed)
     return networks
 
 
+def _distinct_transformers(networks) -> list[nn.Module]:
+    """Each transformer once (LoRA views share one)."""
+    found: dict[int, nn.Module] = {}
+    for net in networks:
+        found.setdefault(id(net.transformer), net.transformer)
+    return list(found.values())
+
+
 def _tensors(module: nn.Module) -> dict[str, Tensor]:
-    """Parameters and buffers by name (non-persistent buffers too: ``to_empty`` left them blank)."""
-    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    """Parameters and buffers by name (non-persistent buffers too: ``to_empty`` left them blank), by
+    the plain model's names: a layer LoRA wraps keeps its weights under ``base_layer`` (peft)."""
+    named = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    return {name.replace(".base_layer.", "."): value for name, value in named.items()}
 
 
 @torch.no_grad()
@@ -106,7 +127,7 @@ def fill_from_(template: TransformerDenoiser, networks: Networks | tuple[nn.Modu
     comm_device = torch.device(mesh.device_type) if mesh is not None else torch.device("cpu")
     if comm_device.type == "cuda":
         comm_device = torch.device("cuda", torch.cuda.current_device())
-    targets = [_tensors(cast(nn.Module, cast(Any, net).transformer)) for net in networks]
+    targets = [_tensors(transformer) for transformer in _distinct_transformers(networks)]
     for name, source in _tensors(cast(nn.Module, template.transformer)).items():
         if rank == src:
             full = source.detach().to(comm_device)
@@ -115,7 +136,7 @@ def fill_from_(template: TransformerDenoiser, networks: Networks | tuple[nn.Modu
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast(full, src)
         for tensors in targets:
-            target = tensors[name]
+            target = tensors[name]  # (the LoRA weights are not the teacher's: init_adapters_ fills them)
             if isinstance(target, DTensor):
                 piece = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
                 target.to_local().copy_(piece.to_local())
@@ -124,29 +145,38 @@ def fill_from_(template: TransformerDenoiser, networks: Networks | tuple[nn.Modu
         del full
 
 
-def gathered_generator(trainer: SiDTrainer, template: TransformerDenoiser | None, *, ema: bool = True):
+def gathered_generator(
+    trainer: SiDTrainer, template: TransformerDenoiser | None, *, ema: bool = True, lora: LoraSpec | None = None
+):
     """Rank 0: a fresh unsharded copy of the trainer's (EMA) generator on the compute device, for
     evaluation and export; other ranks: None. Collective: every rank must call it.
 
     The copy is built on ``meta`` from ``template`` (rank 0's teacher denoiser: same class and
     config), allocated in host memory, filled tensor by tensor (each sharded tensor gathered, moved
     to the host and dropped from the device before the next), then moved to the device whole. The
-    caller drops it when done: no copy stays resident between evaluations.
+    caller drops it when done: no copy stays resident between evaluations. LoRA mode (``lora``): the
+    copy is the base (gathered from the teacher view) with the generator's adapter on it, a view.
     """
     generator = cast(nn.Module, trainer.generator)
     state: dict[str, Tensor] = dict(generator.state_dict())
     if ema and trainer.ema is not None:
         state.update(trainer.ema)
-    clone = None
+    clone = base = None
     if template is not None:
         # amp_bf16: the weights it computes with (bf16), half the memory of the fp32 masters
         autocast = cast(Any, generator).autocast_dtype
-        clone = template.on_meta().to(autocast or next(generator.parameters()).dtype)
+        clone = template.on_meta().to(autocast or cast(Any, trainer.teacher).model_dtype)
         clone.autocast_dtype = autocast
-        clone.to_empty(device="cpu").requires_grad_(False).eval()
-        live_buffers = dict(generator.named_buffers())
+        if lora is not None:
+            base, _, clone = lora_networks(clone, dataclasses.replace(lora, share_base=True))
+        clone.transformer.to_empty(device="cpu")
+        clone.requires_grad_(False).eval()
+        # replicated buffers; the generator's own (the teacher's are bf16-cast under amp), the shared base's in LoRA mode
+        live_buffers = dict(cast(nn.Module, trainer.teacher if lora is not None else generator).named_buffers())
         with torch.no_grad():
             for name, buffer in clone.named_buffers():  # replicated; non-persistent ones are not in `state`
                 buffer.copy_(live_buffers[name])
+    if lora is not None:  # the shared base, from the teacher view's shards
+        gather_into_(base, cast(nn.Module, trainer.teacher).state_dict(), device="cpu" if base is not None else None)
     gather_into_(clone, state, device="cpu" if clone is not None else None)
     return None if clone is None else clone.to(trainer.device)
