@@ -35,7 +35,13 @@ def _config(teacher, *extra):
 
 @pytest.mark.parametrize(
     ("world_size", "extra"),
-    [(2, ["train.sharding=fsdp2"]), (2, ["train.sharding=fsdp2", "train.accumulate=unsharded"]), (1, [])],
+    [
+        (2, ["train.sharding=fsdp2"]),
+        (2, ["train.sharding=fsdp2", "train.accumulate=unsharded"]),
+        (1, []),
+        (1, ["lora.rank=4"]),
+        (2, ["train.sharding=fsdp2", "lora.rank=4"]),
+    ],
 )
 def test_fake_tensor_plan_agrees_with_real_tensors(teacher, world_size, extra):
     config = _config(teacher, *extra)
@@ -53,6 +59,18 @@ def test_fake_tensor_plan_agrees_with_real_tensors(teacher, world_size, extra):
     assert s["sharding"] == ("fsdp2" if world_size > 1 else "none")
     assert s["simulated_rounds"] == (2 if "train.accumulate=unsharded" in extra else 1)
     assert fake["peak_gib_per_rank"] == pytest.approx(sum(b.values()))
+
+
+def test_lora_holds_one_base_and_small_state(teacher):
+    """LoRA mode on real tensors, measured by the same tracker: one base instead of three copies, and
+    optimiser state and gradients of the adapters only."""
+    full = plan(_config(teacher), world_size=1, fake=False)["breakdown_gib"]
+    lora = plan(_config(teacher, "lora.rank=4"), world_size=1, fake=False)
+    b = lora["breakdown_gib"]
+    assert lora["setup"]["lora"] == {"rank": 4, "share_base": "on"}
+    assert b["parameters"] < 0.5 * full["parameters"]
+    assert b["optimizer_state"] < 0.2 * full["optimizer_state"]
+    assert b["gradients"] < 0.2 * full["gradients"]
 
 
 def test_sharding_lowers_the_per_rank_state(teacher):

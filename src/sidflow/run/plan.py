@@ -59,7 +59,8 @@ from sidflow.errors import ConfigError
 from sidflow.optim import resolve_precision
 from sidflow.run.registry import resolve_teacher_path
 from sidflow.run.sharded import build_sharded_networks
-from sidflow.teachers.base import TransformerDenoiser, configure_networks
+from sidflow.teachers.base import TransformerDenoiser, configure_networks, lora_networks
+from sidflow.teachers.lora import lora_spec
 from sidflow.teachers.configs import TeacherSpec, count_params, meta_model, resolve_spec
 from sidflow.teachers.describe import example_cond, latent_shape
 from sidflow.teachers.families import get_family
@@ -282,6 +283,9 @@ def plan(
             "sharding": "fsdp2" if sharded else "none",
             "batch_gpu": tc.batch_gpu,
             "gradient_checkpointing": config.teacher.gradient_checkpointing,
+            "lora": (
+                {"rank": config.lora.rank, "share_base": config.lora.share_base} if config.lora.rank else "off"
+            ),
             "reshard_after_forward": tc.reshard_after_forward,
             "cpu_offload": tc.cpu_offload,
             "accumulate": tc.accumulate,
@@ -318,11 +322,13 @@ def _iteration(
     """Build the networks and the trainer, run one iteration under the tracker; bytes by category.
 
     The networks are built on ``meta`` and sharded outside the fake mode; their shards are allocated,
-    and everything after runs, inside it (``fake``)."""
+    and everything after runs, inside it (``fake``). LoRA mode (``lora.rank``): the three are views
+    of one base with two adapters, as the run builds them."""
     from torch._subclasses import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext()
     device = torch.device("cpu")
+    lora = lora_spec(config.lora, template.lora_targets)
     if sharded:
         networks = build_sharded_networks(
             template,
@@ -334,14 +340,17 @@ def _iteration(
             cpu_offload=config.train.cpu_offload == "on",
             fill=False,
             allocation=mode,
+            lora=lora,
         )
     else:
-        networks = configure_networks(
-            template.on_meta(), template.on_meta(), template.on_meta(), checkpointing, precision
-        )
+        if lora is not None:
+            meta = lora_networks(template.on_meta(), lora)
+        else:
+            meta = (template.on_meta(), template.on_meta(), template.on_meta())
+        networks = configure_networks(*meta, checkpointing, precision)
         with mode:
-            for net in networks:
-                net.to_empty(device=device)
+            for transformer in {id(n.transformer): n.transformer for n in networks}.values():
+                transformer.to_empty(device=device)
     with mode:
         return _tracked_step(networks, config, spec, shape, sharded, fake, world_size, device, rounds_after_first)
 
@@ -374,7 +383,7 @@ def _tracked_step(
     cast(Any, trainer)._check_nonfinite = lambda phase, bad: 0
     _allocate_optimizer_state(trainer)
     if sharded:
-        roots = [cast(nn.Module, net.transformer) for net in networks]
+        roots = list({id(net.transformer): cast(nn.Module, net.transformer) for net in networks}.values())
         tracker, opt_type = _fsdp_tracker(roots, [trainer.opt_fake, trainer.opt_gen])
     else:
 
