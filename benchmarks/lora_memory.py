@@ -35,13 +35,16 @@ TRUE_SIZE = [
 ]
 
 
-def _row(label: str, result: dict) -> dict:
+def _row(label: str, result: dict, unit: str = "gib") -> dict:
+    scale = 1024.0 if unit == "mib" else 1.0
     b = result["breakdown_gib"]
+    keys = ("parameters", "gradients", "optimizer_state", "activations")
     row = {
         "run": label,
         "peak_gib": round(result["peak_gib_per_rank"], 2),
         "fits_80": result["fits"],
-        **{k: round(v, 3) for k, v in b.items() if k in ("parameters", "gradients", "optimizer_state", "activations")},
+        "tracked_" + unit: round(result["tracked_peak_gib"] * scale, 3),
+        **{f"{k}_{unit}": round(v * scale, 3) for k, v in b.items() if k in keys},
         "seconds": round(result["seconds"], 1),
     }
     print(json.dumps(row), flush=True)
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, extra in (("full", []), ("lora", ["lora.rank=4"])):
             result = plan(resolve_config("sd3-medium-4step", [*base, *extra]), world_size=1, fake=False)
             measured[label] = result["tracked_peak_gib"] * 1024  # MiB: tensors only (no VAE, no overhead)
-            rows.append(_row(f"tiny SD3 (real tensors) {label}", result))
+            rows.append(_row(f"tiny SD3 (real tensors) {label}", result, unit="mib"))
         print(
             f"tiny SD3 measured on real tensors: LoRA / full tracked peak = "
             f"{measured['lora'] / measured['full']:.3f} ({measured['lora']:.2f} / {measured['full']:.2f} MiB, "

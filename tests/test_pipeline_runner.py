@@ -78,3 +78,43 @@ def test_short_pipeline_run_writes_a_complete_run_folder(tmp_path):
     # resuming a finished run does no more iterations and keeps the checkpoint
     assert distill.main(args) == 0
     assert json.loads((run / "metrics.json").read_text())["iterations"] == 3
+
+
+def test_short_lora_run_exports_the_adapter_and_samples(tmp_path):
+    """`sidflow distill ... lora.rank=4` end to end: adapter-only checkpoints, the merged pipeline and
+    the LoRA file, and `sidflow sample` from the adapter on the teacher."""
+    from safetensors import safe_open
+
+    from sidflow.run.export import LORA_DIR, LORA_FILE
+
+    teacher = tiny_pipeline("sd3", tmp_path / "pipes")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na blue ball\n")
+    run = tmp_path / "run"
+    args = [
+        "--preset",
+        "sd3-medium-4step",
+        "--run-dir",
+        str(run),
+        f"teacher.path={teacher}",
+        "teacher.time_scale=1000",
+        f"data.prompts={prompts}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.resolution=32",
+        "train.batch=2",
+        "train.batch_gpu=2",
+        "train.total_kimg=none",
+        "train.max_steps=2",
+        "eval.grid_size=2",
+        "train.ema_halflife_kimg=0.01",
+        "lora.rank=4",
+    ]
+    assert distill.main(args) == 0
+    with safe_open(str(run / "checkpoints" / "step-00000002" / "generator.safetensors"), "pt") as f:
+        assert f.keys() and all(".lora_" in k for k in f.keys())
+    assert (run / "generator_pipeline" / "model_index.json").is_file()
+    assert (run / LORA_DIR / LORA_FILE).is_file()
+    config, adapter, generator, _ = load_run_generator(run, "cpu")
+    assert config.lora.rank == 4 and generator.adapter == "generator"
+    images = sample_run(run, ["a red cube"], steps=1)
+    assert images.shape[0] == 1 and torch.isfinite(images).all()

@@ -7,10 +7,11 @@ import pytest
 import torch
 from helpers import generator_gradients  # noqa: I001  (tests/ on the path)
 
-from sidflow.config import GeneratorConfig, GuidanceConfig, OptimConfig, SiDConfig, TrainConfig
+from sidflow.config import GeneratorConfig, GuidanceConfig, LoraConfig, OptimConfig, SiDConfig, TrainConfig
 from sidflow.data.prompts import PromptSource
 from sidflow.optim import StochasticRoundingAdam, resolve_precision, stochastic_round_to_bf16
 from sidflow.teachers import load_teacher
+from sidflow.teachers.lora import lora_spec
 from sidflow.trainer import SiDTrainer
 
 
@@ -56,13 +57,14 @@ def test_pure_bf16_weights_move_at_lr_5e6_where_plain_bf16_adam_does_not():
     assert drift_sr.mean().item() == pytest.approx(drift_fp32.mean().item(), rel=0.1)  # unbiased on average
 
 
-def _sd3_trainer(tiny, precision: str, **optim):
+def _sd3_trainer(tiny, precision: str, lora: bool = False, **optim):
     teacher = load_teacher(
         tiny("sd3"),
         text_encoder_dtype=torch.float32,
         dtype=torch.bfloat16 if precision == "pure_bf16" else torch.float32,
     )
-    networks = teacher.make_denoisers(precision=precision)
+    spec = lora_spec(LoraConfig(rank=4, alpha=8), teacher.denoiser.lora_targets) if lora else None
+    networks = teacher.make_denoisers(precision=precision, lora=spec, gradient_checkpointing=lora)
     config = SiDConfig(
         generator=GeneratorConfig(num_steps=2),
         guidance=GuidanceConfig(kappa1=2.0, kappa2=2.0, kappa4=2.0),
@@ -73,9 +75,12 @@ def _sd3_trainer(tiny, precision: str, **optim):
     return SiDTrainer(*networks, conds, teacher.latent_shape(32), config)
 
 
-def test_amp_bf16_gradients_match_fp32_to_bf16_precision(tiny):
-    fp32, amp = _sd3_trainer(tiny, "fp32"), _sd3_trainer(tiny, "amp_bf16")
-    assert next(amp.teacher.parameters()).dtype == torch.bfloat16  # frozen teacher stored in bf16
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_amp_bf16_gradients_match_fp32_to_bf16_precision(tiny, lora):
+    """Also in LoRA mode (shared base with checkpointing): the base is stored in bf16, the adapters
+    keep fp32 masters."""
+    fp32, amp = _sd3_trainer(tiny, "fp32", lora), _sd3_trainer(tiny, "amp_bf16", lora)
+    assert all(p.dtype == torch.bfloat16 for p in amp.teacher.parameters())  # frozen teacher/base in bf16
     assert all(p.dtype == torch.float32 for p in amp.gen_params)  # fp32 master weights
     # at initialisation fake == teacher, so the fp32 SiD gradient is ~0 and bf16 rounding would be all
     # of the amp one: first move the fake score well away from the teacher (three phases at lr 5e-3)

@@ -20,9 +20,9 @@ from sidflow.core.generator import generate, generator_step_times
 from sidflow.core.guidance import with_embedded_guidance
 from sidflow.errors import ConfigError
 from sidflow.run.build import load_run_teacher
-from sidflow.teachers.lora import lora_spec
 from sidflow.run.checkpoint import latest_checkpoint, read_generator, read_network
 from sidflow.run.selection import snapshot_path
+from sidflow.teachers.lora import lora_spec
 
 __all__ = ["load_run_generator", "load_run_weights", "sample_run"]
 

@@ -60,10 +60,10 @@ from sidflow.optim import resolve_precision
 from sidflow.run.registry import resolve_teacher_path
 from sidflow.run.sharded import build_sharded_networks
 from sidflow.teachers.base import TransformerDenoiser, configure_networks, lora_networks
-from sidflow.teachers.lora import lora_spec
 from sidflow.teachers.configs import TeacherSpec, count_params, meta_model, resolve_spec
 from sidflow.teachers.describe import example_cond, latent_shape
 from sidflow.teachers.families import get_family
+from sidflow.teachers.lora import lora_spec
 
 __all__ = ["plan", "teacher_spec", "OVERHEAD_GIB", "CATEGORIES", "format_plan"]
 
@@ -283,9 +283,7 @@ def plan(
             "sharding": "fsdp2" if sharded else "none",
             "batch_gpu": tc.batch_gpu,
             "gradient_checkpointing": config.teacher.gradient_checkpointing,
-            "lora": (
-                {"rank": config.lora.rank, "share_base": config.lora.share_base} if config.lora.rank else "off"
-            ),
+            "lora": ({"rank": config.lora.rank, "share_base": config.lora.share_base} if config.lora.rank else "off"),
             "reshard_after_forward": tc.reshard_after_forward,
             "cpu_offload": tc.cpu_offload,
             "accumulate": tc.accumulate,

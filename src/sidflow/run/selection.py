@@ -32,8 +32,8 @@ from typing import Any, cast
 from torch import nn
 
 from sidflow.errors import ConfigError
-from sidflow.teachers.lora import copy_sharing_base
 from sidflow.run.checkpoint import is_checkpoint, load_checkpoint, load_module_weights, write_checkpoint
+from sidflow.teachers.lora import copy_sharing_base
 
 __all__ = [
     "SELECTED",

@@ -171,7 +171,7 @@ def gathered_generator(
             base, _, clone = lora_networks(clone, dataclasses.replace(lora, share_base=True))
         clone.transformer.to_empty(device="cpu")
         clone.requires_grad_(False).eval()
-        # replicated buffers; the generator's own (the teacher's are bf16-cast under amp), the shared base's in LoRA mode
+        # replicated buffers: the generator's (the teacher's are bf16-cast under amp); LoRA: the shared base's
         live_buffers = dict(cast(nn.Module, trainer.teacher if lora is not None else generator).named_buffers())
         with torch.no_grad():
             for name, buffer in clone.named_buffers():  # replicated; non-persistent ones are not in `state`

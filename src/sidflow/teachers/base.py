@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from sidflow.core.denoiser import Cond
 from sidflow.core.sampling import euler_sample
 from sidflow.errors import TeacherLoadError
-from sidflow.teachers.lora import AdapterSwitch, LoraSpec, add_adapters, adapter_of
+from sidflow.teachers.lora import AdapterSwitch, LoraSpec, adapter_of, add_adapters
 
 __all__ = [
     "TransformerDenoiser",
@@ -106,7 +106,7 @@ class TransformerDenoiser(nn.Module):
             if self._owns(name):
                 yield name, param
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         state = super().state_dict(*args, **kwargs)
         if self.lora is not None:
             for key in [k for k in state if not self._owns(k)]:

@@ -135,7 +135,8 @@ def adapter_config(spec: LoraSpec, targets: list[str]):
     """The peft ``LoraConfig`` of one adapter (no dropout, no bias: SiD's maths sees a plain function)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=targets, lora_dropout=0.0, bias="none")
+    alpha: Any = int(spec.alpha) if float(spec.alpha).is_integer() else spec.alpha  # peft types it int; floats work
+    return LoraConfig(r=spec.rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
 
 
 def add_adapters(
