@@ -154,10 +154,11 @@ def test_targets_and_bad_settings(tiny):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_exported_lora_and_merged_pipeline_reproduce_sidflow(family, tiny, tmp_path):
+@pytest.mark.parametrize(("family", "adaln"), [("sd3", False), ("sd3", True), ("flux", False)])
+def test_exported_lora_and_merged_pipeline_reproduce_sidflow(family, adaln, tiny, tmp_path):
     """The generator's LoRA alone, loaded into the stock pipeline with ``load_lora_weights`` (and the
-    merged pipeline folder), gives sidflow's samples for the same noise at 1 and 2 steps."""
+    merged pipeline folder), gives sidflow's samples for the same noise at 1 and 2 steps; also with
+    the AdaLN modulation layers targeted (the digits-lora preset's targets)."""
     import json
 
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -168,7 +169,8 @@ def test_exported_lora_and_merged_pipeline_reproduce_sidflow(family, tiny, tmp_p
     from sidflow.testing import load_pipeline
 
     teacher = load_teacher(tiny(family), dtype=torch.float32)
-    nets = teacher.make_denoisers(lora=_spec(teacher.denoiser.lora_targets, "on"), seed=3)
+    targets = (*teacher.denoiser.lora_targets, "norm1.linear", "norm1_context.linear") if adaln else None
+    nets = teacher.make_denoisers(lora=_spec(teacher.denoiser.lora_targets, "on", targets=targets), seed=3)
     _perturb_adapters(nets)
     generator = nets[2].requires_grad_(False)
     config = SiDConfig(generator=GeneratorConfig(num_steps=2, noise_type="ddim"), lora=LoraConfig(rank=4, alpha=8))
@@ -241,3 +243,38 @@ def test_lora_checkpoint_holds_adapters_only_and_resumes_exactly(tiny, tmp_path)
 def _fresh_views(tiny, spec, seed):
     other = load_teacher(tiny("sd3"), dtype=torch.float32)
     return other.make_denoisers(lora=spec, seed=seed)
+
+
+def test_merge_is_fp32_on_the_host_and_leaves_the_shared_base_alone(tiny):
+    """Under amp_bf16 the base is bf16: the merged export adds the adapter in fp32 (a bf16 merge would
+    round the small update away), builds a new host copy, and leaves the live base as it was."""
+    from sidflow.teachers.lora import fused_transformer
+
+    teacher = load_teacher(tiny("sd3"), dtype=torch.float32)
+    nets = teacher.make_denoisers(lora=_spec(teacher.denoiser.lora_targets, "on"), precision="amp_bf16")
+    _perturb_adapters(nets)
+    shared = nets[2].transformer
+    before = {k: v.clone() for k, v in shared.state_dict().items()}
+    fused = fused_transformer(shared, "generator")
+    layer = "transformer_blocks.0.attn.to_q"
+    base = before[f"{layer}.base_layer.weight"]
+    a, b = before[f"{layer}.lora_A.generator.weight"], before[f"{layer}.lora_B.generator.weight"]
+    assert base.dtype == torch.bfloat16 and a.dtype == torch.float32
+    want = base.float() + (8 / 4) * b @ a
+    got = fused.state_dict()[f"{layer}.weight"]
+    assert got.dtype == torch.float32 and got.device.type == "cpu"
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert not any(".lora_" in k or ".base_layer." in k for k in fused.state_dict())
+    after = shared.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # the shared base still has its adapters
+
+
+def test_checkpoint_recompute_context_survives_a_second_backward(tiny):
+    teacher = load_teacher(tiny("sd3"), dtype=DTYPE, text_encoder_dtype=torch.float32)
+    nets = teacher.make_denoisers(lora=_spec(teacher.denoiser.lora_targets, "on"), gradient_checkpointing=True)
+    _perturb_adapters(nets)
+    x = torch.randn(1, *teacher.latent_shape(32), dtype=DTYPE, requires_grad=True)
+    out = nets[1].velocity(x, torch.tensor([0.5], dtype=DTYPE), teacher.encode_prompts(["a cat"])).sum()
+    (first,) = torch.autograd.grad(out, x, retain_graph=True)
+    (second,) = torch.autograd.grad(out, x)
+    assert torch.equal(first, second)

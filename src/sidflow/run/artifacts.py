@@ -8,6 +8,7 @@ those of its newest checkpoint (EMA weights when the run kept them).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any, cast
 
@@ -47,7 +48,8 @@ def load_run_generator(
     teacher = load_run_teacher(config, device)
     lora = lora_spec(config.lora, teacher.denoiser.lora_targets)
     # LoRA runs: the generator adapter on the teacher's own transformer (the teacher view stays the base)
-    network = teacher.make_denoisers(lora=lora)[2] if lora is not None else copy.deepcopy(teacher.denoiser)
+    shared = dataclasses.replace(lora, share_base=True) if lora is not None else None  # sampling: no copies
+    network = teacher.make_denoisers(lora=shared)[2] if shared is not None else copy.deepcopy(teacher.denoiser)
     generator = load_run_weights(run_dir, network.requires_grad_(False).eval(), steps=steps, ema=ema)
     return config, teacher, generator, teacher.latent_shape(config.data.resolution)
 

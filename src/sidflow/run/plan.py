@@ -342,7 +342,7 @@ def _iteration(
         )
     else:
         if lora is not None:
-            meta = lora_networks(template.on_meta(), lora)
+            meta = lora_networks(template.on_meta(), lora, precision=precision)
         else:
             meta = (template.on_meta(), template.on_meta(), template.on_meta())
         networks = configure_networks(*meta, checkpointing, precision)

@@ -76,7 +76,7 @@ def build_sharded_networks(
             ``seed`` after the fill, each rank its own piece of the same keyed draw.
     """
     if lora is not None:
-        meta = lora_networks(template.on_meta(), lora, seed=seed)
+        meta = lora_networks(template.on_meta(), lora, seed=seed, precision=precision)
     else:
         meta = (template.on_meta(), template.on_meta(), template.on_meta())
     networks = configure_networks(*meta, gradient_checkpointing, precision)
@@ -168,7 +168,9 @@ def gathered_generator(
         clone = template.on_meta().to(autocast or cast(Any, trainer.teacher).model_dtype)
         clone.autocast_dtype = autocast
         if lora is not None:
-            base, _, clone = lora_networks(clone, dataclasses.replace(lora, share_base=True))
+            base, _, clone = lora_networks(
+                clone, dataclasses.replace(lora, share_base=True), precision=trainer.precision
+            )
         clone.transformer.to_empty(device="cpu")
         clone.requires_grad_(False).eval()
         # replicated buffers: the generator's (the teacher's are bf16-cast under amp); LoRA: the shared base's

@@ -108,8 +108,9 @@ class TransformerDenoiser(nn.Module):
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         state = super().state_dict(*args, **kwargs)
-        if self.lora is not None:
-            for key in [k for k in state if not self._owns(k)]:
+        if self.lora is not None:  # only this view's entries (a `destination` may hold other modules')
+            prefix = kwargs.get("prefix", "")
+            for key in [k for k in state if k.startswith(prefix) and not self._owns(k)]:
                 del state[key]
         return state
 
@@ -220,22 +221,26 @@ def three_networks(
         _set_checkpointing(teacher, gradient_checkpointing)
         return teacher, teacher, teacher
     if lora is not None:
-        return configure_networks(*lora_networks(teacher, lora, seed=seed), gradient_checkpointing, precision)
+        views = lora_networks(teacher, lora, seed=seed, precision=precision)
+        return configure_networks(*views, gradient_checkpointing, precision)
     return configure_networks(
         teacher, copy.deepcopy(teacher), copy.deepcopy(teacher), gradient_checkpointing, precision
     )
 
 
 def lora_networks(
-    teacher: TransformerDenoiser, spec: LoraSpec, *, seed: int = 0
+    teacher: TransformerDenoiser, spec: LoraSpec, *, seed: int = 0, precision: str = "fp32"
 ) -> tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser]:
     """LoRA mode (:mod:`sidflow.teachers.lora`): the ``fake`` and ``generator`` adapters put on the
     teacher's transformer, and three views of it (teacher: adapters off). ``spec.share_base`` off:
-    three full copies, each carrying the adapters, each view on its own copy. The adapters are fp32
-    (the trainable masters) unless the base is bf16 with no autocast (pure_bf16)."""
+    three full copies, each carrying the adapters, each view on its own copy. The adapters are the
+    trainable masters: fp32 (fp64 on an fp64 base, for exactness tests), bf16 under ``pure_bf16``.
+
+    The views share one transformer, so also its train/eval flag: harmless because nothing in these
+    DiTs or in the adapters (no LoRA dropout) depends on it, which a dropout option would change."""
     base_dtype = teacher.model_dtype
-    dtype = base_dtype if base_dtype == torch.float64 else torch.float32
-    if base_dtype == torch.bfloat16 and teacher.autocast_dtype is None:
+    dtype = torch.float64 if base_dtype == torch.float64 else torch.float32
+    if precision == "pure_bf16":
         dtype = torch.bfloat16
     teacher.lora = add_adapters(teacher.transformer, spec, teacher.fsdp_blocks, seed=seed, dtype=dtype)
     teacher.adapter = None

@@ -150,7 +150,8 @@ def add_adapters(
     """Put the ``fake`` and ``generator`` adapters on ``transformer`` (frozen first), initialise them
     (:func:`init_adapters_`, keyed by ``seed``: every rank and every run gets the same), cast them to
     ``dtype`` (the trainable dtype: fp32 masters, bf16 under pure_bf16) and install the switch."""
-    transformer.requires_grad_(False)
+    transformer.requires_grad_(False)  # (diffusers' add_adapter then trains the last one added:
+    # configure_networks sets each view's flags afterwards)
     targets = target_modules(transformer, blocks, spec.targets)
     with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the point
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -193,6 +194,22 @@ def init_adapters_(transformer: nn.Module, seed: int) -> None:
             param.copy_(full)
 
 
+class _Using:
+    """``AdapterSwitch.use(adapter)`` as a context that can be entered more than once (torch's
+    checkpoint enters its recompute context once per backward through the checkpointed block)."""
+
+    def __init__(self, switch: AdapterSwitch, adapter: str | None) -> None:
+        self.switch, self.adapter = switch, adapter
+        self.previous: list[str | None] = []
+
+    def __enter__(self) -> None:
+        self.previous.append(self.switch.active)
+        self.switch._apply(self.adapter)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.switch._apply(self.previous.pop())
+
+
 class AdapterSwitch:
     """Which adapter the LoRA layers of one transformer run with, set per forward by the views.
 
@@ -206,6 +223,12 @@ class AdapterSwitch:
         self.layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
         self.critic_checkpointing = critic_checkpointing
         self.active: str | None = "generator"  # peft's state after add_adapter: the last one added, on
+        self._apply("fake")
+        if any(layer.active_adapters != ["fake"] or layer.disable_adapters for layer in self.layers):
+            raise RuntimeError(  # the switch writes peft's per-layer state directly (see _apply)
+                "this peft version keeps the active adapter elsewhere; install the peft release pinned in "
+                "sidflow's requirements"
+            )
         self._apply(None)
 
     def _apply(self, adapter: str | None) -> None:
@@ -227,7 +250,8 @@ class AdapterSwitch:
                 self._apply(previous)
 
     def _contexts(self, adapter: str | None) -> tuple[AbstractContextManager, AbstractContextManager]:
-        return nullcontext(), self.use(adapter)  # forward as is; the recompute under the same adapter
+        # forward as is; every recompute of it (one per backward through it) under the same adapter
+        return nullcontext(), _Using(self, adapter)
 
     def checkpoint(self, module: nn.Module, *args: Any) -> Any:
         """diffusers' ``gradient_checkpointing_func``: non-reentrant checkpointing whose recompute runs
@@ -266,14 +290,30 @@ def copy_sharing_base(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+@torch.no_grad()
 def fused_transformer(transformer: nn.Module, adapter: str = "generator") -> nn.Module:
-    """A copy of ``transformer`` with ``adapter`` merged into its base weights and every LoRA layer
-    removed (diffusers' ``fuse_lora`` then ``unload_lora``): a plain model of the stock class."""
-    fused = cast(Any, copy.deepcopy(transformer))
-    for layer in fused.modules():
-        if hasattr(layer, "_disable_adapters"):
-            layer._disable_adapters = False
-            layer._active_adapter = [adapter]
+    """A new fp32 model in host memory with ``adapter`` merged into the base weights and every LoRA
+    layer removed (diffusers' ``fuse_lora`` then ``unload_lora``): a plain model of the stock class.
+
+    Built on ``meta`` and filled tensor by tensor from ``transformer`` (whose base stays untouched and
+    where it is, e.g. on the GPU), so the only new full copy is the host one; merged in fp32, so a
+    bf16 base does not round the small LoRA update away."""
+    source = cast(Any, transformer)
+    with torch.device("meta"):
+        fused = cast(Any, type(source).from_config(dict(source.config)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        fused.add_adapter(copy.deepcopy(source.peft_config[adapter]), adapter_name=adapter)
+    fused.to_empty(device="cpu").to(torch.float32)
+    values = {k: v for k, v in source.state_dict().items() if adapter_of(k) in (None, adapter)}
+    target = fused.state_dict()
+    if set(values) != set(target):
+        raise ConfigError(f"cannot merge the {adapter!r} adapter: {sorted(set(values) ^ set(target))[:3]} differ")
+    for key, value in values.items():
+        target[key].copy_(value.detach().to("cpu", torch.float32))
+    live = dict(source.named_buffers())
+    for name, buffer in fused.named_buffers():  # non-persistent ones are not in the state dict
+        buffer.copy_(live[name].detach().to("cpu", buffer.dtype))
     fused.fuse_lora(adapter_names=[adapter])
     fused.unload_lora()
-    return fused
+    return fused.eval()
