@@ -19,6 +19,19 @@ def test_default_preset_is_the_bundled_teacher():
     assert config.eval.kind == "digits" and config.eval.num_samples == 1000
 
 
+def test_digits_lora_preset_is_the_default_in_lora_mode():
+    """Everything as the default except the LoRA section, the adapters' learning rates and the k odds
+    (chosen on validation, see its docstring)."""
+    import dataclasses
+
+    default, lora = get_preset(DEFAULT_PRESET), get_preset("digits-lora")
+    assert lora.lora.rank == 64 and lora.lora.share_base == "on"
+    assert {"to_q", "ff.net.2", "norm1.linear", "norm1_context.linear"} <= set(lora.lora.targets or ())
+    same = ("teacher", "loss", "guidance", "train", "gan", "data", "eval")
+    assert all(getattr(lora, f) == getattr(default, f) for f in same)
+    assert dataclasses.replace(lora.generator, k_weights=default.generator.k_weights) == default.generator
+
+
 @pytest.mark.parametrize("select", ["validation", "validation_per_steps"])
 def test_shortened_default_run(tmp_path, select):
     run = tmp_path / "run"
