@@ -75,7 +75,7 @@ def _assert_close(a: dict, b: dict, rtol: float = 1e-9) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "sana"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_shared_base_equals_full_copies(family, checkpointing, tiny):
     _, separate = _trainer(family, tiny, share_base="off", checkpointing=False)
@@ -154,7 +154,7 @@ def test_targets_and_bad_settings(tiny):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("family", "adaln"), [("sd3", False), ("sd3", True), ("flux", False)])
+@pytest.mark.parametrize(("family", "adaln"), [("sd3", False), ("sd3", True), ("flux", False), ("sana", False)])
 def test_exported_lora_and_merged_pipeline_reproduce_sidflow(family, adaln, tiny, tmp_path):
     """The generator's LoRA alone, loaded into the stock pipeline with ``load_lora_weights`` (and the
     merged pipeline folder), gives sidflow's samples for the same noise at 1 and 2 steps; also with
