@@ -13,6 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "sidflow"
 # Rooms in dependency order: a module may import its own room and rooms listed before it, never after.
 ROOMS = [
     ("base", ("sidflow", "sidflow.errors", "sidflow.atomic", "sidflow.collectives")),
+    ("metrics", ("sidflow.metrics",)),
     ("core", ("sidflow.core",)),
     ("config", ("sidflow.config",)),
     ("teachers", ("sidflow.teachers", "sidflow.testing")),

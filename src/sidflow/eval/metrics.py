@@ -1,60 +1,6 @@
-"""Fréchet distance between Gaussian fits of features (Heusel et al., 2017, the FID formula).
+"""The Fréchet distance and feature statistics the evaluations use: :mod:`sidflow.metrics`' (one
+implementation, re-exported here for the evaluation protocol and the bundled digits evaluator)."""
 
-    FD = ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2})
-
-The trace term is computed in float64 without a general matrix square root: ``S_a S_b`` is similar
-to the symmetric PSD matrix ``M = S_a^{1/2} S_b S_a^{1/2}``, so ``Tr((S_a S_b)^{1/2}) =
-sum_i sqrt(lambda_i(M))`` with symmetric eigendecompositions (``torch.linalg.eigh``) only. Written
-here rather than taken from torchmetrics' ``FrechetInceptionDistance``, which needs the reference
-*images* at every call (sidflow ships reference statistics) and pulls torchvision for Inception.
-"""
-
-from __future__ import annotations
-
-from dataclasses import dataclass
-from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
-from torch import Tensor
+from sidflow.metrics.frechet import FeatureStats, frechet_distance
 
 __all__ = ["FeatureStats", "frechet_distance"]
-
-
-@dataclass(frozen=True)
-class FeatureStats:
-    """Gaussian fit of features: ``mu`` ``[D]``, ``sigma`` ``[D, D]`` (float64)."""
-
-    mu: Tensor
-    sigma: Tensor
-
-    @staticmethod
-    def of(features: Tensor) -> FeatureStats:
-        """Mean and (unbiased) covariance of ``features`` ``[N, D]``."""
-        f = features.double()
-        return FeatureStats(mu=f.mean(0), sigma=torch.cov(f.T))
-
-    def save(self, path: str | Path) -> None:
-        save_file({"mu": self.mu.contiguous(), "sigma": self.sigma.contiguous()}, str(path))
-
-    @staticmethod
-    def load(path: str | Path) -> FeatureStats:
-        stats = load_file(str(path))
-        return FeatureStats(mu=stats["mu"], sigma=stats["sigma"])
-
-
-def _sqrt_psd(matrix: Tensor) -> Tensor:
-    """Symmetric square root of a symmetric PSD matrix (negative round-off eigenvalues clamped)."""
-    values, vectors = torch.linalg.eigh(matrix)
-    return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
-
-
-def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
-    """Fréchet distance between two Gaussian fits (float64)."""
-    s_a, s_b = a.sigma.double(), b.sigma.double()
-    root_a = _sqrt_psd(s_a)
-    middle = root_a @ s_b @ root_a
-    middle = (middle + middle.T) / 2  # symmetric up to round-off
-    trace_sqrt = torch.linalg.eigvalsh(middle).clamp(min=0).sqrt().sum()
-    diff = a.mu.double() - b.mu.double()
-    return float(diff @ diff + torch.trace(s_a) + torch.trace(s_b) - 2.0 * trace_sqrt)

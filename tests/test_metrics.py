@@ -1,0 +1,101 @@
+"""sidflow.metrics: the Fréchet distance against an independent float64 computation, the CLIP score
+against a hand computation and DINOv2 features, with tiny random transformers models built offline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sidflow.metrics import FeatureStats, frechet_distance
+from sidflow.metrics.features import OPENAI_CLIP, ClipEmbedder, DinoV2Features, Preprocess, clip_score
+
+
+def _independent_fd(a: np.ndarray, b: np.ndarray) -> float:
+    """numpy, float64, unbiased covariances; Tr((S_a S_b)^1/2) from the eigenvalues of the
+    non-symmetric product (a different route from the symmetric square roots under test)."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False, ddof=1), np.cov(b, rowvar=False, ddof=1)
+    eig = np.linalg.eigvals(s_a @ s_b)
+    trace_sqrt = np.sqrt(np.clip(eig.real, 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * trace_sqrt)
+
+
+@pytest.mark.parametrize("case", ["full_rank", "near_singular", "rank_deficient"])
+def test_frechet_distance_matches_an_independent_computation(case):
+    rng = np.random.default_rng(0)
+    n, d = (400, 16) if case != "rank_deficient" else (12, 32)  # fewer samples than dimensions
+    a = rng.normal(size=(n, d)) @ rng.normal(size=(d, d))
+    b = 0.7 * rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + 0.3
+    if case == "near_singular":  # one direction almost a copy of another
+        a[:, 1] = a[:, 0] + 1e-6 * rng.normal(size=n)
+        b[:, 1] = b[:, 0] + 1e-6 * rng.normal(size=n)
+    want = _independent_fd(a, b)
+    assert frechet_distance(a, b) == pytest.approx(want, rel=1e-6)  # arrays
+    assert frechet_distance(torch.from_numpy(a).float(), torch.from_numpy(b).float()) == pytest.approx(
+        _independent_fd(a.astype(np.float32).astype(np.float64), b.astype(np.float32).astype(np.float64)), rel=1e-6
+    )  # float32 tensors are read in float64
+    assert frechet_distance(FeatureStats.of(a), FeatureStats.of(b)) == frechet_distance(a, b)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6 * abs(want))
+    np.testing.assert_allclose(FeatureStats.of(a).sigma.numpy(), np.cov(a, rowvar=False, ddof=1), rtol=1e-12)
+
+
+def test_frechet_distance_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="feature widths differ"):
+        frechet_distance(np.zeros((5, 3)) + np.arange(3), np.ones((5, 4)))
+    with pytest.raises(ValueError, match=r"\[N, D\] with N >= 2"):
+        frechet_distance(np.zeros(5), np.zeros((5, 1)))
+
+
+def _tiny_clip():
+    from transformers import CLIPConfig, CLIPModel
+
+    from sidflow.testing import _clip_tokenizer
+
+    tokenizer = _clip_tokenizer()
+    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    text |= {"num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    vision |= {"image_size": 32, "patch_size": 8}
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    return model, tokenizer
+
+
+def test_clip_score_equals_a_hand_computation():
+    model, tokenizer = _tiny_clip()
+    clip = ClipEmbedder(model, tokenizer=tokenizer)
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    prompts = ["a red cat", "two dogs", "a blue house"]
+    # by hand: images already at the model's size, so preprocessing is [0, 1] then CLIP normalisation
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in OPENAI_CLIP)
+    with torch.no_grad():
+        img = model.get_image_features(pixel_values=((images + 1) / 2 - mean) / std).pooler_output
+        tok = tokenizer(prompts, padding=True, return_tensors="pt")
+        txt = model.get_text_features(**tok).pooler_output
+    cos = torch.nn.functional.cosine_similarity(img.double(), txt.double(), dim=-1)
+    want = float((100 * cos.clamp(min=0)).mean())
+    assert clip_score(images, prompts, clip) == pytest.approx(want, rel=1e-5, abs=1e-5)
+    with pytest.raises(ValueError, match="one prompt per image"):
+        clip_score(images, prompts[:2], clip)
+
+
+def test_dinov2_features_and_preprocessing():
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=28, patch_size=14
+    )
+    dino = DinoV2Features(Dinov2Model(config), size=28, batch=2)
+    images = torch.rand(5, 3, 40, 56, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    feats = dino(images)
+    assert feats.shape == (5, 32) and feats.dtype == torch.float64
+    assert torch.equal(feats, dino(images))  # deterministic, batch-independent
+    scale = float(FeatureStats.of(feats).sigma.trace())  # rank-deficient (5 < 32): zero up to round-off
+    assert frechet_distance(feats, feats) == pytest.approx(0.0, abs=1e-6 * scale)
+    pre = Preprocess(28, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    x = pre(images)
+    assert x.shape == (5, 3, 28, 28) and pre.describe()["crop"] == "centre"
+    flat = torch.zeros(1, 3, 40, 56)  # mid-grey stays mid-grey through resize and crop
+    torch.testing.assert_close(pre(flat), torch.zeros(1, 3, 28, 28), atol=1e-6, rtol=0)
