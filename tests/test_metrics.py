@@ -99,3 +99,40 @@ def test_dinov2_features_and_preprocessing():
     assert x.shape == (5, 3, 28, 28) and pre.describe()["crop"] == "centre"
     flat = torch.zeros(1, 3, 40, 56)  # mid-grey stays mid-grey through resize and crop
     torch.testing.assert_close(pre(flat), torch.zeros(1, 3, 28, 28), atol=1e-6, rtol=0)
+
+
+def test_reference_features_are_cached_once_and_keyed_by_what_made_them(tmp_path, caplog):
+    from sidflow.metrics.cache import cached_features, source_identity
+
+    images = [tmp_path / f"{i}.png" for i in range(3)]
+    for i, p in enumerate(images):
+        p.write_bytes(bytes([i]) * (10 + i))
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return torch.randn(20, 4, generator=torch.Generator().manual_seed(len(calls)))
+
+    desc = {
+        "extractor": "dinov2-tiny",
+        "preprocess": Preprocess(28, *OPENAI_CLIP).describe(),
+        "source": source_identity(images),
+    }
+    cache = tmp_path / "cache"
+    first, stats, hit = cached_features(cache, desc, compute)
+    assert not hit and len(calls) == 1 and first.dtype == torch.float64
+    again, stats2, hit = cached_features(cache, desc, compute)
+    assert hit and len(calls) == 1 and torch.equal(again, first) and torch.equal(stats2.sigma, stats.sigma)
+    assert frechet_distance(stats2, first) == pytest.approx(0.0, abs=1e-9)
+    # another extractor, or a changed source file, is another entry
+    _, _, hit = cached_features(cache, {**desc, "extractor": "other"}, compute)
+    assert not hit and len(calls) == 2
+    images[0].write_bytes(b"changed!!!!!!")
+    _, _, hit = cached_features(cache, {**desc, "source": source_identity(images)}, compute)
+    assert not hit and len(calls) == 3
+    # a corrupt entry is recomputed with a note, never trusted
+    for f in cache.glob("*.safetensors"):
+        f.write_bytes(b"not safetensors")
+    _, _, hit = cached_features(cache, desc, compute)
+    assert not hit and len(calls) == 4 and "unreadable" in caplog.text
+    assert not list(cache.glob(".*"))  # no temporary files left behind
