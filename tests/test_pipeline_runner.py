@@ -15,10 +15,11 @@ from sidflow.testing import tiny_pipeline
 pytestmark = pytest.mark.slow
 
 
-def test_short_pipeline_run_writes_a_complete_run_folder(tmp_path):
+def _tiny_run(tmp_path, prompts_text: str, *extra: str):
+    """``(run folder, sidflow distill arguments)`` of a short run on a tiny local SD3 pipeline."""
     teacher = tiny_pipeline("sd3", tmp_path / "pipes")
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red cube\na blue ball\n\na green cone\n")
+    prompts.write_text(prompts_text)
     run = tmp_path / "run"
     args = [
         "--preset",
@@ -27,19 +28,28 @@ def test_short_pipeline_run_writes_a_complete_run_folder(tmp_path):
         str(run),
         f"teacher.path={teacher}",
         "teacher.time_scale=1000",
-        "teacher.gradient_checkpointing=off",
         f"data.prompts={prompts}",
         f"data.cache_dir={tmp_path / 'cache'}",
         "data.resolution=32",
+        "train.total_kimg=none",
+        "train.ema_halflife_kimg=0.01",
+        *extra,
+    ]
+    return run, args
+
+
+def test_short_pipeline_run_writes_a_complete_run_folder(tmp_path):
+    run, args = _tiny_run(
+        tmp_path,
+        "a red cube\na blue ball\n\na green cone\n",
+        "teacher.gradient_checkpointing=off",
         "train.batch=4",
         "train.batch_gpu=2",
-        "train.total_kimg=none",
         "train.max_steps=3",
         "train.ckpt_every=2",
         "eval.grid_size=3",
         "guidance.kappa1=2",
-        "train.ema_halflife_kimg=0.01",
-    ]
+    )
     assert distill.main(args) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["iterations"] == 3 and metrics["images_seen"] == 12
@@ -87,28 +97,15 @@ def test_short_lora_run_exports_the_adapter_and_samples(tmp_path):
 
     from sidflow.run.export import LORA_DIR, LORA_FILE
 
-    teacher = tiny_pipeline("sd3", tmp_path / "pipes")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red cube\na blue ball\n")
-    run = tmp_path / "run"
-    args = [
-        "--preset",
-        "sd3-medium-4step",
-        "--run-dir",
-        str(run),
-        f"teacher.path={teacher}",
-        "teacher.time_scale=1000",
-        f"data.prompts={prompts}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.resolution=32",
+    run, args = _tiny_run(
+        tmp_path,
+        "a red cube\na blue ball\n",
         "train.batch=2",
         "train.batch_gpu=2",
-        "train.total_kimg=none",
         "train.max_steps=2",
         "eval.grid_size=2",
-        "train.ema_halflife_kimg=0.01",
         "lora.rank=4",
-    ]
+    )
     assert distill.main(args) == 0
     with safe_open(str(run / "checkpoints" / "step-00000002" / "generator.safetensors"), "pt") as f:
         assert f.keys() and all(".lora_" in k for k in f.keys())

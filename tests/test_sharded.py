@@ -145,11 +145,12 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-def test_shard_first_fsdp2_holds_only_shards_under_each_memory_lever(tmp_path):
+def _run_on_two_ranks(worker: str, tmp_path) -> None:
+    """Run ``worker`` under torchrun with 2 gloo ranks on a tiny SD3 teacher; both ranks must finish."""
     teacher = tiny_pipeline("sd3", tmp_path / "pipes")
     (tmp_path / "prompts.txt").write_text("a red cube\na blue ball\na green cone\n")
     script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
+    script.write_text(worker)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
@@ -157,6 +158,10 @@ def test_shard_first_fsdp2_holds_only_shards_under_each_memory_lever(tmp_path):
     out = subprocess.run([*cmd, str(teacher), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     assert (tmp_path / "done-0").exists() and (tmp_path / "done-1").exists()
+
+
+def test_shard_first_fsdp2_holds_only_shards_under_each_memory_lever(tmp_path):
+    _run_on_two_ranks(_WORKER, tmp_path)
 
 
 _LORA_WORKER = textwrap.dedent("""
@@ -226,14 +231,4 @@ _LORA_WORKER = textwrap.dedent("""
 
 
 def test_lora_shared_base_under_fsdp2_matches_one_process_and_resumes(tmp_path):
-    teacher = tiny_pipeline("sd3", tmp_path / "pipes")
-    (tmp_path / "prompts.txt").write_text("a red cube\na blue ball\na green cone\n")
-    script = tmp_path / "worker.py"
-    script.write_text(_LORA_WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    out = subprocess.run([*cmd, str(teacher), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    assert (tmp_path / "done-0").exists() and (tmp_path / "done-1").exists()
+    _run_on_two_ranks(_LORA_WORKER, tmp_path)

@@ -59,7 +59,7 @@ from sidflow.errors import ConfigError
 from sidflow.optim import resolve_precision
 from sidflow.run.registry import resolve_teacher_path
 from sidflow.run.sharded import build_sharded_networks
-from sidflow.teachers.base import TransformerDenoiser, configure_networks, lora_networks
+from sidflow.teachers.base import TransformerDenoiser, configure_networks, distinct_transformers, meta_networks
 from sidflow.teachers.configs import TeacherSpec, count_params, meta_model, resolve_spec
 from sidflow.teachers.describe import example_cond, latent_shape
 from sidflow.teachers.families import get_family
@@ -341,13 +341,9 @@ def _iteration(
             lora=lora,
         )
     else:
-        if lora is not None:
-            meta = lora_networks(template.on_meta(), lora, precision=precision)
-        else:
-            meta = (template.on_meta(), template.on_meta(), template.on_meta())
-        networks = configure_networks(*meta, checkpointing, precision)
+        networks = configure_networks(*meta_networks(template, lora, precision=precision), checkpointing, precision)
         with mode:
-            for transformer in {id(n.transformer): n.transformer for n in networks}.values():
+            for transformer in distinct_transformers(networks):
                 transformer.to_empty(device=device)
     with mode:
         return _tracked_step(networks, config, spec, shape, sharded, fake, world_size, device, rounds_after_first)
@@ -381,7 +377,7 @@ def _tracked_step(
     cast(Any, trainer)._check_nonfinite = lambda phase, bad: 0
     _allocate_optimizer_state(trainer)
     if sharded:
-        roots = list({id(net.transformer): cast(nn.Module, net.transformer) for net in networks}.values())
+        roots = distinct_transformers(networks)
         tracker, opt_type = _fsdp_tracker(roots, [trainer.opt_fake, trainer.opt_gen])
     else:
 

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sidflow.run.distributed import gather_into_, shard_networks
-from sidflow.teachers.base import configure_networks, lora_networks
+from sidflow.teachers.base import configure_networks, distinct_transformers, lora_networks, meta_networks
 from sidflow.teachers.lora import LoraSpec, init_adapters_
 
 if TYPE_CHECKING:
@@ -75,10 +75,7 @@ def build_sharded_networks(
             sharded once (``lora.share_base`` off: three copies), the adapters initialised from
             ``seed`` after the fill, each rank its own piece of the same keyed draw.
     """
-    if lora is not None:
-        meta = lora_networks(template.on_meta(), lora, seed=seed, precision=precision)
-    else:
-        meta = (template.on_meta(), template.on_meta(), template.on_meta())
+    meta = meta_networks(template, lora, seed=seed, precision=precision)
     networks = configure_networks(*meta, gradient_checkpointing, precision)
     shard_networks(
         *networks,
@@ -88,21 +85,13 @@ def build_sharded_networks(
         cpu_offload=cpu_offload,
     )
     with allocation or nullcontext():
-        for transformer in _distinct_transformers(networks):
+        for transformer in distinct_transformers(networks):
             transformer.to_empty(device=device)  # this rank's shards (FSDP2 moves them to the host under offload)
     if fill:
         fill_from_(template, networks, mesh)
-        for transformer in _distinct_transformers(networks) if lora is not None else ():
+        for transformer in distinct_transformers(networks) if lora is not None else ():
             init_adapters_(transformer, seed)
     return networks
-
-
-def _distinct_transformers(networks) -> list[nn.Module]:
-    """Each transformer once (LoRA views share one)."""
-    found: dict[int, nn.Module] = {}
-    for net in networks:
-        found.setdefault(id(net.transformer), net.transformer)
-    return list(found.values())
 
 
 def _tensors(module: nn.Module) -> dict[str, Tensor]:
@@ -127,7 +116,7 @@ def fill_from_(template: TransformerDenoiser, networks: Networks | tuple[nn.Modu
     comm_device = torch.device(mesh.device_type) if mesh is not None else torch.device("cpu")
     if comm_device.type == "cuda":
         comm_device = torch.device("cuda", torch.cuda.current_device())
-    targets = [_tensors(transformer) for transformer in _distinct_transformers(networks)]
+    targets = [_tensors(transformer) for transformer in distinct_transformers(cast(Networks, networks))]
     for name, source in _tensors(cast(nn.Module, template.transformer)).items():
         if rank == src:
             full = source.detach().to(comm_device)

@@ -39,6 +39,8 @@ __all__ = [
     "LatentCodec",
     "three_networks",
     "lora_networks",
+    "meta_networks",
+    "distinct_transformers",
     "configure_networks",
     "meta_transformer",
     "default_text_encoder_dtype",
@@ -249,6 +251,25 @@ def lora_networks(
     fake, generator = copy.deepcopy(teacher), copy.deepcopy(teacher)  # each copy brings its own switch
     fake.adapter, generator.adapter = "fake", "generator"
     return teacher, fake, generator
+
+
+def meta_networks(
+    template: TransformerDenoiser, lora: LoraSpec | None = None, *, seed: int = 0, precision: str = "fp32"
+) -> tuple[TransformerDenoiser, TransformerDenoiser, TransformerDenoiser]:
+    """Teacher, fake score and generator on the ``meta`` device from ``template``'s class and config
+    (shard-first construction and ``sidflow plan``): three wrappers, or in LoRA mode three views of
+    one base with the adapters (:func:`lora_networks`; their values come after allocation)."""
+    if lora is not None:
+        return lora_networks(template.on_meta(), lora, seed=seed, precision=precision)
+    return template.on_meta(), template.on_meta(), template.on_meta()
+
+
+def distinct_transformers(networks: tuple[TransformerDenoiser, ...]) -> list[nn.Module]:
+    """Each network's transformer once (LoRA views share one)."""
+    found: dict[int, nn.Module] = {}
+    for net in networks:
+        found.setdefault(id(net.transformer), net.transformer)
+    return list(found.values())
 
 
 def configure_networks(
