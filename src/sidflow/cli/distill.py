@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sidflow.atomic import atomic_file
 from sidflow.config import SiDConfig, apply_overrides, to_json
 from sidflow.errors import ConfigError
 from sidflow.run.presets import get_preset, preset_names
@@ -82,6 +83,9 @@ def main(argv: list[str]) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes the run folder
         (run_dir / "config.json").write_text(to_json(config))
     metrics = runner(config, run_dir)
-    if not (run_dir / "metrics.json").exists():
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+    # the pipeline runner writes metrics.json itself (rank 0, before the others return); never a
+    # second writer from another rank
+    if int(os.environ.get("RANK", "0")) == 0 and not (run_dir / "metrics.json").exists():
+        with atomic_file(run_dir / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(metrics, indent=1, default=str))
     return 0

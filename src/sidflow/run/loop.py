@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
+from sidflow.atomic import atomic_file
 from sidflow.collectives import barrier, mean_over_ranks
 from sidflow.config import SiDConfig, to_dict
 from sidflow.core.denoiser import Denoiser
@@ -53,12 +54,13 @@ def run_pipeline(config: SiDConfig, run_dir: Path, *, progress: bool = True) -> 
     try:
         run = build_run(config, run_dir, ctx)
         result = _train(config, run_dir, ctx, run, progress, start)
+        result["wall_seconds"] = time.perf_counter() - start
+        if ctx.is_main:
+            with atomic_file(run_dir / "metrics.json") as tmp:
+                tmp.write_text(json.dumps(result, indent=1, default=float) + "\n")
         barrier()  # the others return only once rank 0 has written metrics.json
     finally:
         shutdown(ctx)
-    result["wall_seconds"] = time.perf_counter() - start
-    if ctx.is_main:
-        (run_dir / "metrics.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
     return result
 
 
