@@ -12,7 +12,6 @@ round trip). The coalesced gradient all-reduce equals the per-parameter one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import torch_env, torchrun  # noqa: I001  (tests/ on the path)
 from safetensors.torch import load_file
 
 from sidflow.errors import ConfigError
@@ -31,25 +31,8 @@ from sidflow.testing import tiny_pipeline
 pytestmark = pytest.mark.slow
 
 
-def _env() -> dict[str, str]:
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        CUDA_VISIBLE_DEVICES="",
-        PYTHONUNBUFFERED="1",
-    )
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
-
-
 def _torchrun(args: list[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
+    return torchrun(args, nproc, timeout)
 
 
 _WORKER = textwrap.dedent("""
@@ -209,7 +192,8 @@ def one_process_run(tmp_path_factory) -> tuple[Path, list[str]]:
         f"data.cache_dir={tmp_path / 'cache'}",
     ]  # the 2-rank runs read the cache this run wrote
     one = tmp_path / "one"
-    subprocess.run([sys.executable, *_distill(one, common)], env=_env(), check=True, capture_output=True, timeout=300)
+    cmd = [sys.executable, *_distill(one, common)]
+    subprocess.run(cmd, env=torch_env(), check=True, capture_output=True, timeout=300)
     return one, common
 
 

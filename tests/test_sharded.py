@@ -19,12 +19,10 @@ included) and at each optimizer step:
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from helpers import torchrun  # noqa: I001  (tests/ on the path)
 
 from sidflow.testing import tiny_pipeline
 
@@ -151,12 +149,7 @@ def _run_on_two_ranks(worker: str, tmp_path) -> None:
     (tmp_path / "prompts.txt").write_text("a red cube\na blue ball\na green cone\n")
     script = tmp_path / "worker.py"
     script.write_text(worker)
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    out = subprocess.run([*cmd, str(teacher), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    torchrun([str(script), str(teacher), str(tmp_path)])
     assert (tmp_path / "done-0").exists() and (tmp_path / "done-1").exists()
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "is_distributed",
     "barrier",
     "broadcast_object",
+    "gather_rows",
     "all_reduce_mean_",
     "broadcast_module_",
     "sum_over_ranks",
@@ -58,6 +59,22 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def gather_rows(rows: Mapping[str, Tensor], indices: Sequence[int]) -> dict[str, Tensor]:
+    """Rows ``name -> [n, ...]`` of the samples ``indices`` held by this rank, concatenated over all
+    ranks in the order of the global sample index, on every rank (CPU tensors). One process: ``rows``
+    reordered by ``indices``. Used at evaluation points only (an object all-gather, not a hot path).
+    """
+    if not is_distributed():
+        parts = [(list(indices), {k: v.cpu() for k, v in rows.items()})]
+    else:
+        box: list = [None] * dist.get_world_size()
+        dist.all_gather_object(box, (list(indices), {k: v.cpu() for k, v in rows.items()}))
+        parts = [p for p in box if p[0]]
+    order = torch.tensor([i for idx, _ in parts for i in idx]).argsort()
+    names = parts[0][1].keys() if parts else rows.keys()
+    return {k: torch.cat([part[k] for _, part in parts])[order] for k in names}
 
 
 def _buckets(tensors: Sequence[Tensor], bucket_bytes: int) -> list[list[Tensor]]:

@@ -244,7 +244,10 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    prompts: str = ""  # prompt file (one per line) or "builtin:NAME" (e.g. builtin:digits)
+    # prompt source: a .txt (one per line), .jsonl, .csv or .parquet file, a datasets folder saved with
+    # save_to_disk ("folder::split" picks a split, default train) or "builtin:NAME" (e.g. builtin:digits)
+    prompts: str = ""
+    prompt_column: str | None = None  # table column of the prompts; None = "text", "prompt" or "caption"
     resolution: int = 512  # image resolution; latents are resolution / VAE factor
     cache_dir: str | None = None  # on-disk prompt-embedding cache (sharded safetensors); None = memory only
     cache_size: int = 4096  # prompts kept in the in-memory LRU
@@ -265,6 +268,23 @@ class EvalConfig:
     # evaluated snapshot with the best validation FID over all student_steps, never measured on the
     # held-out set; spec 9) or "validation_per_steps" (the best snapshot for each step count)
     select: Literal["final", "validation", "validation_per_steps"] = "final"
+    # eval.kind=t2i (any diffusers teacher; README "Evaluating real teachers"):
+    prompts: str = ""  # reported prompts: a text/JSONL/CSV/parquet file, a datasets folder, or builtin:NAME
+    prompt_column: str | None = None  # their column (JSONL/CSV/parquet/datasets); None = text/prompt/caption
+    val_prompts: str = ""  # validation prompts for eval.select (disjoint from eval.prompts); "" = none
+    val_samples: int = 500  # validation samples per figure
+    # reference of the reported distances: "teacher" (its samples of the same prompts and noise: FD-T)
+    # or real images (a folder, or a parquet file with an image column; COCO layout in the README)
+    reference: str = "teacher"
+    metrics: tuple[str, ...] = ("fd_dinov2", "clip")  # of fd_dinov2, fid ([fid] extra), clip, pickscore
+    dino_model: str = "facebook/dinov2-large"  # hub id or local folder of a Dinov2Model
+    clip_model: str = "openai/clip-vit-large-patch14"  # ... of a CLIPModel with its tokenizer
+    pickscore_model: str = "yuvalkirstain/PickScore_v1"  # ... of PickScore (a CLIPModel)
+    pickscore_tokenizer: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore ships without one
+    teacher_steps: int = 28  # teacher reference: Euler steps
+    teacher_guidance: float | None = None  # teacher reference: CFG scale; None = guidance.kappa4
+    batch: int = 16  # images per generator pass and per metric-model forward
+    feature_cache: str | None = None  # reference features on disk; None = $SIDFLOW_CACHE or ~/.cache/sidflow
 
     def __post_init__(self) -> None:
         _validate(self)

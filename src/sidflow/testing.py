@@ -22,7 +22,7 @@ import torch
 
 from sidflow.teachers.families import FAMILIES as _FAMILIES
 
-__all__ = ["FAMILIES", "build_tiny_pipeline", "tiny_pipeline", "load_pipeline"]
+__all__ = ["FAMILIES", "build_tiny_pipeline", "tiny_pipeline", "load_pipeline", "build_tiny_metric_models"]
 
 FAMILIES = tuple(_FAMILIES)  # every family of sidflow.teachers.families has a tiny pipeline
 _LETTERS = string.ascii_lowercase + string.digits + ".,!?'-:;()"
@@ -324,3 +324,32 @@ def load_pipeline(path: str | Path):
     pipe = DiffusionPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def build_tiny_metric_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Tiny random ``Dinov2Model`` and ``CLIPModel`` (with its tokenizer) saved under ``out_dir``:
+    stand-ins, loadable offline by path, for ``eval.dino_model`` / ``eval.clip_model`` /
+    ``eval.pickscore_model`` in tests (their figures mean nothing; the plumbing is real).
+
+    Returns:
+        ``{"dino": folder, "clip": folder}``.
+    """
+    from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    dino = Dinov2Model(
+        Dinov2Config(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=224, patch_size=32
+        )
+    )
+    dino.save_pretrained(out / "dino")
+    tokenizer = _clip_tokenizer()
+    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    text |= {"num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    vision |= {"image_size": 32, "patch_size": 8}
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    clip.save_pretrained(out / "clip")
+    tokenizer.save_pretrained(out / "clip")
+    return {"dino": out / "dino", "clip": out / "clip"}

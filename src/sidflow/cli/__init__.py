@@ -16,6 +16,7 @@ __all__ = ["main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("distill", "distill a teacher into a 1-4 step generator by SiD (default: bundled teacher)"),
     "sample": ("sample", "generate images from a finished distillation run"),
+    "eval": ("eval", "FD-DINOv2, FID, CLIP score, PickScore of a run or an exported pipeline"),
     "info": ("info", "describe a teacher: family, parameter counts, latent shapes, memory estimate"),
     "plan": ("plan", "peak memory per GPU of a run, simulated at true size (will it fit?)"),
     "teacher": ("teacher", "train the bundled tiny teacher (VAE, transformer, evaluator)"),
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"sidflow: unknown command '{name}'; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    if name in ("distill", "sample"):
+    if name in ("distill", "sample", "eval"):
         _register_builtin_plugins()
     module = importlib.import_module(f"sidflow.cli.{COMMANDS[name][0]}")
     try:

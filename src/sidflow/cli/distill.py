@@ -17,6 +17,7 @@ from typing import Any
 from sidflow.atomic import atomic_file
 from sidflow.config import SiDConfig, apply_overrides, to_json
 from sidflow.errors import ConfigError
+from sidflow.eval.protocol import figures
 from sidflow.run.presets import get_preset, preset_names
 from sidflow.run.registry import get_runner, validate
 
@@ -32,9 +33,10 @@ def _run_pipeline(config: SiDConfig, run_dir: Path) -> dict[str, Any]:
     if result.get("rank", 0):  # under torchrun only rank 0 reports
         return result
     final = result.get("final", {})
-    for key in (k for k in final if k.startswith("fid_")):
-        steps = key.removeprefix("fid_")
-        print(f"student {steps}: FID {final[key]:.1f}, prompt accuracy {final['acc_' + steps]:.3f}")
+    for steps in config.eval.student_steps:
+        shown = figures(final, steps)
+        if shown:
+            print(f"student {steps}step: " + ", ".join(f"{label} {value:.4g}" for label, value in shown.items()))
     print(f"run folder: {run_dir} (report.md, samples.png, metrics.json); {result['wall_seconds'] / 60:.1f} min")
     return result
 

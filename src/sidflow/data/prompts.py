@@ -9,123 +9,47 @@ Text encoders are the expensive part, so each prompt's embeddings are cached:
 
 * in memory, an LRU of ``cache_size`` prompts (tensors kept on the CPU);
 * optionally on disk, in sharded safetensors files under ``cache_dir/<settings hash>/``, keyed by
-  the prompt and the encoder settings (teacher, text-encoder dtype, token length, CHI ...), so a
-  changed setting never reads stale embeddings. Shards are written atomically (tmp + rename).
+  the prompt and the encoder settings (:mod:`sidflow.data.embedding_cache`).
 
-Once every prompt of the (finite) source is cached, :meth:`PromptSource.precompute` may park the
-text encoders on the CPU (``offload=True``); they never leave the compute device otherwise.
+Host memory stays bounded whatever the number of prompts (an SD3 prompt is 2.4 MiB of embeddings,
+so 100k prompts would be 240 GB): :meth:`PromptSource.precompute` encodes the missing prompts one
+batch at a time straight into the disk cache, which holds at most one shard's rows in memory; a
+lookup reads one row of one shard. Under ``torch.distributed`` each rank encodes a disjoint share
+of the missing prompts into shards named with its rank. Once every prompt is
+cached, ``precompute(offload=True)`` parks the text encoders on the CPU; they never leave the
+compute device otherwise.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any
 
 import torch
-from torch import Tensor
+import torch.distributed as dist
 
-from sidflow.atomic import atomic_file
+from sidflow.collectives import barrier, is_distributed
 from sidflow.core import rng
 from sidflow.core.denoiser import Cond, PromptEncoder
+from sidflow.data.embedding_cache import DiskEmbeddingCache, EmbeddingCache, Row, settings_hash
+from sidflow.data.prompt_files import read_prompt_file, read_prompts
 from sidflow.errors import DataError
 
-__all__ = ["PromptSource", "EmbeddingCache", "DiskEmbeddingCache", "read_prompt_file", "settings_hash"]
-
-Row = dict[str, Tensor]  # one prompt's tensors, each with a leading batch dim of 1
-
-
-def read_prompt_file(path: str | Path) -> list[str]:
-    """One prompt per line (blank lines skipped); an empty file is a one-line :class:`DataError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"prompt file {path} does not exist; pass a text file with one prompt per line")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise DataError(f"prompt file {path} has no prompts; write one prompt per line")
-    return prompts
+# the caches and readers are re-exported: they were defined here first
+__all__ = ["PromptSource", "EmbeddingCache", "DiskEmbeddingCache", "read_prompts", "read_prompt_file", "settings_hash"]
 
 
-def settings_hash(settings: dict) -> str:
-    """Short stable hash of the encoder settings (JSON, sorted keys)."""
-    text = json.dumps(settings, sort_keys=True, default=str)
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+def _batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
-def _prompt_key(prompt: str) -> str:
-    return hashlib.blake2b(prompt.encode("utf-8"), digest_size=12).hexdigest()
+def _progress(total: int, rank: int) -> Any:
+    from tqdm.auto import tqdm
 
-
-class EmbeddingCache:
-    """In-memory LRU of per-prompt tensors (``max_items`` prompts; 0 disables it)."""
-
-    def __init__(self, max_items: int = 4096) -> None:
-        self.max_items = int(max_items)
-        self._rows: OrderedDict[str, Row] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def get(self, prompt: str) -> Row | None:
-        row = self._rows.get(prompt)
-        if row is not None:
-            self._rows.move_to_end(prompt)
-        return row
-
-    def put(self, prompt: str, row: Row) -> None:
-        if self.max_items <= 0:
-            return
-        self._rows[prompt] = row
-        self._rows.move_to_end(prompt)
-        while len(self._rows) > self.max_items:
-            self._rows.popitem(last=False)
-
-
-class DiskEmbeddingCache:
-    """Sharded safetensors cache under ``root/<settings hash>/shard-NNNNN.safetensors``.
-
-    Each shard stacks the rows of the prompts it holds (``field -> [n, ...]``) and lists their
-    prompt keys in its metadata; the index is rebuilt from the shards' headers on open.
-    """
-
-    def __init__(self, root: str | Path, settings: dict) -> None:
-        from safetensors import safe_open
-
-        self.dir = Path(root) / settings_hash(settings)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "settings.json").write_text(json.dumps(settings, sort_keys=True, default=str) + "\n")
-        self._index: dict[str, tuple[Path, int]] = {}
-        for shard in sorted(self.dir.glob("shard-*.safetensors")):
-            with safe_open(shard, framework="pt") as handle:
-                keys = json.loads(handle.metadata()["keys"])
-            self._index.update({key: (shard, row) for row, key in enumerate(keys)})
-
-    def __contains__(self, prompt: str) -> bool:
-        return _prompt_key(prompt) in self._index
-
-    def get(self, prompt: str) -> Row | None:
-        from safetensors import safe_open
-
-        hit = self._index.get(_prompt_key(prompt))
-        if hit is None:
-            return None
-        shard, row = hit
-        with safe_open(shard, framework="pt") as handle:
-            return {name: handle.get_slice(name)[row : row + 1] for name in handle.keys()}
-
-    def put_many(self, prompts: Sequence[str], cond: Cond) -> None:
-        """Write one new shard holding ``prompts`` (rows of ``cond``), atomically."""
-        from safetensors.torch import save_file
-
-        keys = [_prompt_key(p) for p in prompts]
-        shard = self.dir / f"shard-{len(list(self.dir.glob('shard-*.safetensors'))):05d}.safetensors"
-        tensors = {name: cond[name].detach().cpu().contiguous() for name in cond.keys()}
-        with atomic_file(shard) as tmp:
-            save_file(tensors, str(tmp), metadata={"keys": json.dumps(keys)})
-        self._index.update({key: (shard, row) for row, key in enumerate(keys)})
+    # rank 0 only; None: shown on a terminal, not in a redirected log
+    return tqdm(total=total, desc="encoding prompts", unit="prompt", disable=True if rank != 0 else None)
 
 
 class PromptSource:
@@ -159,82 +83,114 @@ class PromptSource:
             settings = encoder.encoder_settings() if hasattr(encoder, "encoder_settings") else {}
         self.disk = DiskEmbeddingCache(cache_dir, settings) if cache_dir is not None else None
         self.batch_size = int(batch_size)
-        self.meta: dict = {}
+        self.meta: dict = dict(self.disk.meta) if self.disk is not None else {}
         self._uncond: Cond | None = None
         self.encoder_calls = 0  # number of text-encoder batches run (for tests and logs)
 
     @classmethod
-    def from_file(cls, path: str | Path, encoder: PromptEncoder, **kwargs) -> PromptSource:
-        """Prompts from a text file, one per line."""
-        return cls(read_prompt_file(path), encoder, **kwargs)
+    def from_file(
+        cls, path: str | Path, encoder: PromptEncoder, *, column: str | None = None, **kwargs
+    ) -> PromptSource:
+        """Prompts from a file or a saved dataset (:func:`~sidflow.data.prompt_files.read_prompts`)."""
+        return cls(read_prompts(path, column), encoder, **kwargs)
 
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def _encode_missing(self, prompts: list[str]) -> None:
-        for start in range(0, len(prompts), self.batch_size):
-            chunk = prompts[start : start + self.batch_size]
-            cond = self.encoder.encode_prompts(chunk)
-            self.encoder_calls += 1
-            self.meta = dict(cond.meta)
-            if self.disk is not None:
-                self.disk.put_many(chunk, cond)
-            for j, prompt in enumerate(chunk):
-                self.memory.put(prompt, {k: v[j : j + 1].detach().cpu() for k, v in cond.tensors.items()})
+    def _encode_batch(self, prompts: Sequence[str]) -> Cond:
+        """One text-encoder call, brought to the host in one copy per tensor."""
+        cond = self.encoder.encode_prompts(list(prompts))
+        self.encoder_calls += 1
+        self.meta = dict(cond.meta)
+        return Cond({k: v.detach().cpu() for k, v in cond.tensors.items()}, self.meta)
 
-    def _row(self, prompt: str) -> Row:
+    def _cached_row(self, prompt: str) -> Row | None:
         row = self.memory.get(prompt)
         if row is None and self.disk is not None:
             row = self.disk.get(prompt)
             if row is not None:
                 self.memory.put(prompt, row)
-        if row is None:
-            if self.memory.max_items <= 0 and self.disk is None:  # no cache at all: encode every time
-                cond = self.encoder.encode_prompts([prompt])
-                self.encoder_calls += 1
-                self.meta = dict(cond.meta)
-                return {k: v.detach().cpu() for k, v in cond.tensors.items()}
-            self._encode_missing([prompt])
-            # max_items <= 0 here implies a disk cache (the no-cache case returned above)
-            row = (
-                self.memory.get(prompt)
-                if self.memory.max_items > 0
-                else cast(DiskEmbeddingCache, self.disk).get(prompt)
-            )
-        assert row is not None
         return row
 
     def encode(self, prompts: Sequence[str]) -> Cond:
         """Cached encoding of ``prompts`` (misses are encoded in batches, then cached)."""
-        missing = [
-            p
-            for p in dict.fromkeys(prompts)
-            if self.memory.get(p) is None and (self.disk is None or p not in self.disk)
-        ]
-        if missing and (self.memory.max_items >= len(missing) or self.disk is not None):
-            self._encode_missing(missing)
-        rows = [self._row(p) for p in prompts]
-        return Cond({k: torch.cat([r[k] for r in rows]) for k in rows[0]}, dict(self.meta))
+        rows: dict[str, Row] = {}
+        missing = []
+        for prompt in dict.fromkeys(prompts):
+            row = self._cached_row(prompt)
+            if row is None:
+                missing.append(prompt)
+            else:
+                rows[prompt] = row
+        for chunk in _batches(missing, self.batch_size):
+            cond = self._encode_batch(chunk)
+            for j, prompt in enumerate(chunk):
+                # a copy: a view would keep the whole batch's storage alive in the LRU
+                rows[prompt] = {k: v[j : j + 1].clone() for k, v in cond.tensors.items()}
+                self.memory.put(prompt, rows[prompt])
+            if self.disk is not None:
+                self.disk.add(chunk, cond)
+        if missing and self.disk is not None:
+            self.disk.flush()
+        first = rows[prompts[0]]
+        return Cond({k: torch.cat([rows[p][k] for p in prompts]) for k in first}, dict(self.meta))
 
     def fully_cached(self) -> bool:
         """Every prompt is on disk, or all fit and sit in the in-memory LRU."""
-        if self.disk is not None and all(p in self.disk for p in self.prompts):
+        unique = dict.fromkeys(self.prompts)
+        if self.disk is not None and all(p in self.disk for p in unique):
             return True
-        unique = set(self.prompts)
         return len(unique) <= self.memory.max_items and all(self.memory.get(p) is not None for p in unique)
 
-    def precompute(self, offload: bool = False) -> bool:
+    def precompute(self, offload: bool = False, *, share: tuple[int, int] | None = None) -> bool:
         """Encode every prompt (and ``""``) into the caches; optionally park the text encoders.
+
+        With a disk cache, rank ``r`` of ``w`` encodes the missing prompts ``[r::w]`` (in order of
+        first appearance, the same list on every rank since all read the index before any writes)
+        into shards named with its rank, one batch at a time; the ranks then meet at a barrier and
+        re-read the index. Without one, the in-memory LRU is filled only when every prompt fits
+        (filling part of it would just churn under random draws).
+
+        Args:
+            offload: move the text encoders to the CPU when the source ends fully cached.
+            share: ``(rank, world_size)``; default: this process's ``torch.distributed`` rank.
 
         Returns:
             True when the source is fully cached (the only case in which encoders are offloaded).
         """
-        self.encode(list(dict.fromkeys(self.prompts)))
+        if share is not None:
+            rank, world = share
+        else:
+            rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+        if self.disk is not None:
+            self._fill_disk(self.disk, rank, world)
+        else:
+            unique = list(dict.fromkeys(self.prompts))
+            if len(unique) <= self.memory.max_items:
+                missing = [p for p in unique if self.memory.get(p) is None]
+                with _progress(len(missing), rank) as bar:
+                    for chunk in _batches(missing, self.batch_size):
+                        self.encode(chunk)
+                        bar.update(len(chunk))
         self._uncond = self.encoder.uncond(1)
         done = self.fully_cached()
         if done and offload and hasattr(self.encoder, "move_text_encoders"):
             self.encoder.move_text_encoders("cpu")
         return done
+
+    def _fill_disk(self, disk: DiskEmbeddingCache, rank: int, world: int) -> None:
+        barrier()  # every rank has read the index before any rank writes, so all see the same misses
+        missing = [p for p in dict.fromkeys(self.prompts) if p not in disk]
+        disk.rank = rank
+        # rank 0's bar counts its share times the world size: the ranks move in step
+        with _progress(len(missing), rank) as bar:
+            for chunk in _batches(missing[rank::world], self.batch_size):
+                disk.add(chunk, self._encode_batch(chunk))
+                bar.update(min(len(chunk) * world, bar.total - bar.n))
+        disk.flush()
+        barrier()
+        if world > 1:
+            disk.reload()  # the other ranks' shards
 
     def sample(self, *, seed: int, iteration: int, stream: str, indices: Sequence[int]) -> Cond:
         """Keyed prompt choice for each global sample index, encoded (batch ``len(indices)``)."""

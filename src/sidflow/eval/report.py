@@ -79,11 +79,13 @@ def plot_metrics(
     path: str | Path,
     reference: Mapping[str, float] | None = None,
     marks: Mapping[str, float] | None = None,
+    metrics: tuple[str, str] = ("fid", "acc"),
 ) -> Path:
-    """Plot FID and prompt accuracy against training images, one line per student step count.
+    """Plot a distance and a score (default FID and prompt accuracy) against training images, one
+    line per student step count.
 
     Args:
-        history: rows with ``images_seen`` and keys ``fid_{k}step`` / ``acc_{k}step``.
+        history: rows with ``images_seen`` and keys ``{distance}_{k}step`` / ``{score}_{k}step``.
         reference: horizontal lines, e.g. ``{"teacher best FID": 60.0, "real floor FID": 30.0}``
             (keys containing "FID" go on the FID axis, the others on the accuracy axis).
         marks: labelled vertical lines at training images (k), e.g. ``{"selected snapshot": 14.4}``.
@@ -95,22 +97,26 @@ def plot_metrics(
 
     fig, (ax_fid, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     xs = [row["images_seen"] / 1000 for row in history]
-    keys = sorted({k for row in history for k in row if k.startswith("fid_")})
+    distance, score = metrics
+    keys = sorted({k for row in history for k in row if k.startswith(f"{distance}_") and k.endswith("step")})
     for key in keys:
-        steps = key.removeprefix("fid_")
+        steps = key.removeprefix(f"{distance}_")
         ax_fid.plot(xs, [row.get(key, float("nan")) for row in history], marker="o", label=f"student {steps}")
         ax_acc.plot(
-            xs, [row.get(f"acc_{steps}", float("nan")) for row in history], marker="o", label=f"student {steps}"
+            xs, [row.get(f"{score}_{steps}", float("nan")) for row in history], marker="o", label=f"student {steps}"
         )
     for name, value in (reference or {}).items():
-        ax = ax_fid if "FID" in name else ax_acc
+        ax = ax_fid if "FID" in name or "FD" in name else ax_acc
         ax.axhline(value, linestyle="--", linewidth=1, color="gray")
         ax.text(xs[0] if xs else 0, value, name, fontsize=7, va="bottom")
     for i, (name, kimg) in enumerate((marks or {}).items()):
         for ax in (ax_fid, ax_acc):
             ax.axvline(kimg, linestyle=":" if i == 0 else "-.", linewidth=1.2, color="black", label=name)
-    ax_fid.set(xlabel="training images (k)", ylabel="FID (evaluator features)", yscale="log")
-    ax_acc.set(xlabel="training images (k)", ylabel="prompt accuracy", ylim=(0, 1.02))
+    labels = {"fid": "FID", "fd_dinov2": "FD-DINOv2", "acc": "prompt accuracy", "clip": "CLIP score"}
+    ax_fid.set(xlabel="training images (k)", ylabel=labels.get(distance, distance), yscale="log")
+    ax_acc.set(xlabel="training images (k)", ylabel=labels.get(score, score))
+    if score == "acc":
+        ax_acc.set_ylim(0, 1.02)
     for ax in (ax_fid, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

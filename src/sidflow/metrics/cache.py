@@ -26,7 +26,7 @@ from torch import Tensor
 from sidflow.atomic import atomic_file
 from sidflow.metrics.frechet import FeatureStats
 
-__all__ = ["cached_features", "source_identity", "cache_key"]
+__all__ = ["cached_features", "load_cached", "store_cached", "source_identity", "cache_key"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,48 @@ def cache_key(description: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
+def _normalised(description: dict[str, Any]) -> Any:
+    return json.loads(json.dumps(description, sort_keys=True, default=str))
+
+
+def _paths(cache_dir: str | Path, description: dict[str, Any]) -> tuple[Path, Path]:
+    key = cache_key(description)
+    return Path(cache_dir) / f"{key}.safetensors", Path(cache_dir) / f"{key}.json"
+
+
+def load_cached(cache_dir: str | Path | None, description: dict[str, Any]) -> tuple[Tensor, FeatureStats] | None:
+    """The cached ``(features, fit)`` for ``description``, or None (absent, unreadable or another
+    description under the same key; an unreadable entry is noted and left to be rewritten)."""
+    if cache_dir is None:
+        return None
+    tensors, meta = _paths(cache_dir, description)
+    if not (tensors.is_file() and meta.is_file()):
+        return None
+    try:
+        stored = load_file(str(tensors))
+        if json.loads(meta.read_text()).get("description") == _normalised(description):
+            return stored["features"], FeatureStats(stored["mu"], stored["sigma"])
+    except (SafetensorError, OSError, json.JSONDecodeError, KeyError) as err:
+        log.warning("feature cache %s is unreadable (%s); recomputing it", tensors, type(err).__name__)
+    return None
+
+
+def store_cached(cache_dir: str | Path | None, description: dict[str, Any], features: Tensor) -> FeatureStats:
+    """Write ``features`` ``[N, D]`` (as float64) and their fit under ``description``, atomically;
+    returns the fit (nothing is written when ``cache_dir`` is None)."""
+    features = features.double().cpu().contiguous()
+    stats = FeatureStats.of(features)
+    if cache_dir is not None:
+        tensors, meta = _paths(cache_dir, description)
+        tensors.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(tensors) as tmp:
+            save_file({"features": features, "mu": stats.mu.contiguous(), "sigma": stats.sigma.contiguous()}, str(tmp))
+        record = {"description": _normalised(description), "n": len(features)}
+        with atomic_file(meta) as tmp:
+            tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return stats
+
+
 def cached_features(
     cache_dir: str | Path | None, description: dict[str, Any], compute: Callable[[], Tensor]
 ) -> tuple[Tensor, FeatureStats, bool]:
@@ -57,26 +99,8 @@ def cached_features(
             it keys the entry and is written beside it.
         compute: called only when no valid entry exists; returns ``[N, D]`` features.
     """
-    if cache_dir is not None:
-        root = Path(cache_dir)
-        key = cache_key(description)
-        tensors, meta = root / f"{key}.safetensors", root / f"{key}.json"
-        if tensors.is_file() and meta.is_file():
-            try:
-                stored = load_file(str(tensors))
-                if json.loads(meta.read_text()).get("description") == json.loads(
-                    json.dumps(description, sort_keys=True, default=str)
-                ):
-                    return stored["features"], FeatureStats(stored["mu"], stored["sigma"]), True
-            except (SafetensorError, OSError, json.JSONDecodeError, KeyError) as err:
-                log.warning("feature cache %s is unreadable (%s); recomputing it", tensors, type(err).__name__)
+    hit = load_cached(cache_dir, description)
+    if hit is not None:
+        return hit[0], hit[1], True
     features = compute().double().cpu().contiguous()
-    stats = FeatureStats.of(features)
-    if cache_dir is not None:
-        root.mkdir(parents=True, exist_ok=True)
-        with atomic_file(tensors) as tmp:
-            save_file({"features": features, "mu": stats.mu.contiguous(), "sigma": stats.sigma.contiguous()}, str(tmp))
-        record = {"description": json.loads(json.dumps(description, sort_keys=True, default=str)), "n": len(features)}
-        with atomic_file(meta) as tmp:
-            tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    return features, stats, False
+    return features, store_cached(cache_dir, description, features), False

@@ -30,24 +30,41 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["Preprocess", "DinoV2Features", "ClipEmbedder", "clip_score", "IMAGENET", "OPENAI_CLIP"]
+__all__ = [
+    "Preprocess",
+    "DinoV2Features",
+    "ClipEmbedder",
+    "InceptionFeatures",
+    "clip_score",
+    "clip_scores",
+    "pick_scores",
+    "IMAGENET",
+    "OPENAI_CLIP",
+    "FID_EXTRA",
+]
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
 
+def _rgb(images: Tensor) -> Tensor:
+    """``[N, 3, H, W]`` as given; grey ``[N, 1, H, W]`` images repeated to 3 channels."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be [N, 3, H, W] (or grey [N, 1, H, W]) in [-1, 1], got {list(images.shape)}")
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize the shorter side to ``size`` (bicubic, antialiased), centre-crop, normalise."""
+    """Resize the shorter side to ``size`` (bicubic, antialiased), centre-crop, normalise (grey
+    images are repeated to 3 channels first)."""
 
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
     def __call__(self, images: Tensor) -> Tensor:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [N, 3, H, W] in [-1, 1], got shape {list(images.shape)}")
-        x = ((images.float() + 1) / 2).clamp(0, 1)
+        x = ((_rgb(images).float() + 1) / 2).clamp(0, 1)
         h, w = x.shape[-2:]
         scale = self.size / min(h, w)
         new_h, new_w = max(self.size, round(h * scale)), max(self.size, round(w * scale))
@@ -113,7 +130,8 @@ class ClipEmbedder:
 
     Args:
         model: hub id or folder of a ``CLIPModel`` (with its tokenizer), or a built model.
-        tokenizer: the tokenizer when ``model`` is a built model (loaded from ``model`` otherwise).
+        tokenizer: the tokenizer, or the hub id / folder it is loaded from (default: ``model``'s own;
+            PickScore ships without one and uses its base model's, LAION's ViT-H/14).
         device, batch: where it runs and images/prompts per forward.
     """
 
@@ -126,10 +144,10 @@ class ClipEmbedder:
         batch: int = 64,
     ) -> None:
         self.model = _load("CLIPModel", model).to(device, torch.float32).eval().requires_grad_(False)
-        if tokenizer is None:
+        if tokenizer is None or isinstance(tokenizer, (str, Path)):
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(str(model))
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer if tokenizer is not None else model))
         self.tokenizer = tokenizer
         config = cast(Any, self.model).config.vision_config
         self.preprocess = Preprocess(int(config.image_size), *OPENAI_CLIP)
@@ -158,10 +176,60 @@ class ClipEmbedder:
         return F.normalize(torch.cat(out).double(), dim=-1).cpu()
 
 
-def clip_score(images: Tensor, prompts: Sequence[str], clip: ClipEmbedder) -> float:
-    """Mean CLIP score of ``images`` ``[N, 3, H, W]`` in ``[-1, 1]`` against their ``prompts``:
-    ``100 * max(cos, 0)`` per pair (torchmetrics' convention), averaged."""
+def _cosines(images: Tensor, prompts: Sequence[str], clip: ClipEmbedder) -> Tensor:
     if images.shape[0] != len(prompts):
         raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts; pass one prompt per image")
-    cos = (clip.images(images) * clip.texts(prompts)).sum(-1)
-    return float((100 * cos.clamp(min=0)).mean())
+    return (clip.images(images) * clip.texts(prompts)).sum(-1)
+
+
+def clip_scores(images: Tensor, prompts: Sequence[str], clip: ClipEmbedder) -> Tensor:
+    """Per-pair CLIP scores ``[N]`` (float64): ``100 * max(cos, 0)`` (torchmetrics' convention)."""
+    return 100 * _cosines(images, prompts, clip).clamp(min=0)
+
+
+def clip_score(images: Tensor, prompts: Sequence[str], clip: ClipEmbedder) -> float:
+    """Mean CLIP score of ``images`` ``[N, 3, H, W]`` in ``[-1, 1]`` against their ``prompts``."""
+    return float(clip_scores(images, prompts, clip).mean())
+
+
+def pick_scores(images: Tensor, prompts: Sequence[str], pickscore: ClipEmbedder) -> Tensor:
+    """Per-pair PickScore ``[N]`` (Kirstain et al., 2023): a CLIP model fine-tuned on human
+    preferences, scored as its own ``logit_scale.exp() * cos`` (about 20-23 for good images)."""
+    scale = cast(Any, pickscore.model).logit_scale.detach().exp().double().cpu()
+    return scale * _cosines(images, prompts, pickscore)
+
+
+FID_EXTRA = (
+    "FID (Inception) needs the optional [fid] extra: pip install 'sidflow[fid]' (torch-fidelity, which "
+    "pulls torchvision: install it against your CUDA torch); or drop fid from eval.metrics"
+)
+
+
+class InceptionFeatures:
+    """``features(images) -> [N, 2048]`` float64 pool features of the FID Inception network
+    (torch-fidelity's ``inception-v3-compat``, the weights and resize of the original TensorFlow FID
+    and of COCO-FID tables). Images are quantised to uint8 first, as FID tools read image files.
+
+    Raises:
+        ImportError: with :data:`FID_EXTRA` when torch-fidelity is not installed.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", *, batch: int = 64) -> None:
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        except ImportError as err:
+            raise ImportError(FID_EXTRA) from err
+        self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).to(device).eval()
+        self.name = "torch-fidelity inception-v3-compat"
+        self.device, self.batch = torch.device(device), batch
+
+    def describe(self) -> dict[str, Any]:
+        return {"resize": "the extractor's own (299, bilinear as TF FID)", "dtype": "uint8 input"}
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Tensor:
+        out = []
+        for chunk in _batched(images, self.batch):
+            pixels = ((_rgb(chunk).float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).to(self.device)
+            out.append(self.model(pixels)[0].reshape(len(chunk), -1).double().cpu())
+        return torch.cat(out)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from sidflow.collectives import barrier, broadcast_module_
+from sidflow.collectives import broadcast_module_
 from sidflow.config import SiDConfig
 from sidflow.data.prompts import PromptSource
 from sidflow.optim import resolve_precision
@@ -78,24 +78,18 @@ def use_fsdp2(config: SiDConfig, world_size: int) -> bool:
 
 
 def _prompt_source(config: SiDConfig, teacher: Any, ctx: DistContext) -> PromptSource:
-    """The cached prompt source; with an on-disk cache rank 0 fills it first and the others read it."""
-
-    def build() -> PromptSource:
-        source = PromptSource(
-            resolve_prompts(config.data.prompts),
-            teacher,
-            cache_size=config.data.cache_size,
-            cache_dir=config.data.cache_dir,
-        )
-        # Text encoders leave the compute device only when every prompt is cached (sidflow.data.prompts).
-        source.precompute(offload=ctx.device.type == "cuda")
-        return source
-
-    if config.data.cache_dir is None or ctx.world_size == 1:
-        return build()
-    source = build() if ctx.is_main else None
-    barrier()
-    return source if source is not None else build()
+    """The cached prompt source. With an on-disk cache every rank encodes a disjoint share of the
+    missing prompts, then all meet at a barrier and read each other's shards
+    (:meth:`~sidflow.data.prompts.PromptSource.precompute`); without one each rank fills its own LRU."""
+    source = PromptSource(
+        resolve_prompts(config.data.prompts, config.data.prompt_column),
+        teacher,
+        cache_size=config.data.cache_size,
+        cache_dir=config.data.cache_dir,
+    )
+    # Text encoders leave the compute device only when every prompt is cached (sidflow.data.prompts).
+    source.precompute(offload=ctx.device.type == "cuda", share=(ctx.rank, ctx.world_size))
+    return source
 
 
 def build_run(config: SiDConfig, run_dir: Path, ctx: DistContext) -> RunState:

@@ -79,7 +79,11 @@ def _train(
     )
     selector = (
         SnapshotSelector(
-            run_dir, config.eval.student_steps, to_dict(config), per_steps=config.eval.select == "validation_per_steps"
+            run_dir,
+            config.eval.student_steps,
+            to_dict(config),
+            per_steps=config.eval.select == "validation_per_steps",
+            metric=getattr(evaluation, "selection_metric", None) or "fid",
         )
         if evaluation is not None and config.eval.select != "final"
         else None

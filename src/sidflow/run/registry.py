@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sidflow.config import SiDConfig
-from sidflow.data.prompts import read_prompt_file
+from sidflow.data.prompt_files import read_prompts
 from sidflow.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -53,6 +53,26 @@ _EVALUATIONS: dict[str, EvaluationFactory] = {}
 _TEACHERS: dict[str, Path] = {}
 _PROMPT_SETS: dict[str, Callable[[], list[str]]] = {}
 _loaded = False
+
+
+def _t2i(config: SiDConfig, teacher: Any, latent_shape: tuple[int, ...], device: torch.device) -> Evaluation:
+    """``eval.kind=t2i`` (built in): :class:`sidflow.eval.t2i.T2IEvaluation` on the run's prompt sets."""
+    from sidflow.eval.t2i import T2IEvaluation  # lazy: transformers' metric models
+
+    ec = config.eval
+    if not ec.prompts:
+        raise ConfigError("eval.kind=t2i needs eval.prompts (a prompt file or builtin:NAME) to score the student on")
+    return T2IEvaluation(
+        config,
+        teacher,
+        latent_shape,
+        device,
+        prompts=resolve_prompts(ec.prompts, ec.prompt_column),
+        val_prompts=resolve_prompts(ec.val_prompts, ec.prompt_column) if ec.val_prompts else [],
+    )
+
+
+_EVALUATIONS["t2i"] = _t2i
 
 
 def load_plugins() -> None:
@@ -132,12 +152,15 @@ def register_prompt_set(name: str, prompts: Callable[[], list[str]], *, replace:
     _register(_PROMPT_SETS, name, prompts, "prompt set", replace)
 
 
-def resolve_prompts(spec: str) -> list[str]:
-    """``data.prompts``: a text file (one prompt per line) or ``builtin:NAME``."""
+def resolve_prompts(spec: str, column: str | None = None) -> list[str]:
+    """``data.prompts``: ``builtin:NAME`` or a prompt file / saved dataset read by
+    :func:`~sidflow.data.prompt_files.read_prompts` (``column``: ``data.prompt_column``)."""
     if not spec:
         raise ConfigError("data.prompts is empty; give a prompt file (one prompt per line) or builtin:NAME")
     if spec.startswith(BUILTIN_PREFIX):
+        if column is not None:
+            raise ConfigError(f"data.prompt_column={column!r} applies to prompt tables, not {spec}; unset it")
         return list(
             _get(_PROMPT_SETS, spec.removeprefix(BUILTIN_PREFIX), "prompt set", "data.prompts", BUILTIN_PREFIX)()
         )
-    return read_prompt_file(spec)
+    return read_prompts(spec, column)

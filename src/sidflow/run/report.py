@@ -14,7 +14,7 @@ from sidflow.core.denoiser import Denoiser
 from sidflow.core.generator import generate, generator_step_times
 from sidflow.core.guidance import with_embedded_guidance
 from sidflow.core.rng import randn_per_sample
-from sidflow.eval.protocol import Evaluation
+from sidflow.eval.protocol import DISTANCE_KEYS, FIGURES, SCORE_KEYS, Evaluation, figures
 from sidflow.eval.report import plot_metrics, save_labelled_grids, write_report
 from sidflow.run.export import LORA_DIR, export_generator, export_lora
 from sidflow.run.registry import resolve_prompts
@@ -58,8 +58,8 @@ def _student_images(
 
 def _headline(result: dict[str, Any], config: SiDConfig) -> list[dict[str, Any]]:
     rows = []
-    teacher_rows = result.get("teacher", {}).get("rows", [])
-    for r in sorted(teacher_rows, key=lambda r: (r["guidance"], r["steps"])):
+    teacher_ref = result.get("teacher", {})
+    for r in sorted(teacher_ref.get("rows", []), key=lambda r: (r["guidance"], r["steps"])):
         rows.append(
             {
                 "model": f"teacher Euler, w={r['guidance']:g}",
@@ -70,20 +70,25 @@ def _headline(result: dict[str, Any], config: SiDConfig) -> list[dict[str, Any]]
                 "s/image": r.get("seconds_per_image", ""),
             }
         )
+    t2i = teacher_ref.get("t2i")
+    if t2i:  # the teacher's own scores on the reported prompts (it is the FD reference itself)
+        nfe = t2i["steps"] * (2 if t2i["guidance"] != 1 else 1)
+        row = {"model": f"teacher Euler, w={t2i['guidance']:g} (reference)", "steps": t2i["steps"], "NFE": nfe}
+        rows.append(row | {FIGURES[k]: v for k, v in t2i.items() if k in FIGURES})
     final = result.get("final", {})
     for steps in config.eval.student_steps:
-        if f"fid_{steps}step" in final:
+        shown = figures(final, steps)
+        if shown:
             rows.append(
-                {
-                    "model": "SiD student",
-                    "steps": steps,
-                    "NFE": steps,
-                    "FID": final[f"fid_{steps}step"],
-                    "prompt acc": final[f"acc_{steps}step"],
-                    "s/image": final.get(f"sec_per_image_{steps}step", ""),
-                }
+                {"model": "SiD student", "steps": steps, "NFE": steps, **shown}
+                | {"s/image": final.get(f"sec_per_image_{steps}step", "")}
             )
     return rows
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    present = {k for r in rows for k in r}
+    return ["model", "steps", "NFE", *(v for v in FIGURES.values() if v in present), "s/image"]
 
 
 def _steps(k: int | str) -> str:
@@ -126,7 +131,15 @@ def _figures_line(config: SiDConfig, result: dict[str, Any]) -> str:
 
 
 def _describe_row(row: dict[str, Any]) -> str:
-    return ", ".join(f"{k.removeprefix('fid_')} FID {row[k]:.1f}" for k in row if k.startswith("fid_"))
+    steps = [k.removeprefix("sec_per_image_").removesuffix("step") for k in row if k.startswith("sec_per_image_")]
+    return ", ".join(f"{k} step {' '.join(f'{label} {v:.4g}' for label, v in figures(row, k).items())}" for k in steps)
+
+
+def _plotted(history: list[dict[str, Any]]) -> tuple[str, str]:
+    """The distance and the score the metrics plot shows (the first of each that the rows carry)."""
+    keys = {k.rsplit("_", 1)[0] for row in history for k in row if k.endswith("step")}
+    distance = next((m for m in DISTANCE_KEYS if m in keys), DISTANCE_KEYS[0])
+    return distance, next((m for m in SCORE_KEYS if m in keys), SCORE_KEYS[0])
 
 
 def finish_run(
@@ -175,8 +188,9 @@ def finish_run(
             if selected
             else {}
         )
-        plot_metrics(result["history"], run_dir / "metrics.png", reference=reference, marks=marks)
-        images["FID and prompt accuracy against training images"] = "metrics.png"
+        shown = _plotted(result["history"])
+        plot_metrics(result["history"], run_dir / "metrics.png", reference=reference, marks=marks, metrics=shown)
+        images[f"{FIGURES[shown[0]]} and {FIGURES[shown[1]]} against training images"] = "metrics.png"
     export_generator(teacher, generator, run_dir / "generator_pipeline", config)
     if config.lora.rank > 0:
         export_lora(teacher, generator, run_dir / LORA_DIR, config)
@@ -194,8 +208,8 @@ def finish_run(
     ]
     if teacher_ref.get("floor_fid"):
         summary.append(f"real-vs-real FID floor: {teacher_ref['floor_fid']:.1f}")
-    columns = ["model", "steps", "NFE", "FID", "prompt acc", "s/image"]
-    tables = {"Teacher vs student": (_headline(result, config), columns)} if evaluation is not None else {}
+    headline = _headline(result, config)
+    tables = {"Teacher vs student": (headline, _columns(headline))} if evaluation is not None else {}
     links = {
         "config": "config.json",
         "metrics": "metrics.json",

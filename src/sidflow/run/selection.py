@@ -49,9 +49,10 @@ __all__ = [
 SELECTED = "selected"
 
 
-def validation_score(row: dict[str, Any], steps: tuple[int, ...]) -> float:
-    """Mean of ``log(val_fid_{k}step)`` over ``steps`` (lower is better); inf if any is missing or not finite."""
-    values = [row.get(f"val_fid_{k}step") for k in steps]
+def validation_score(row: dict[str, Any], steps: tuple[int, ...], metric: str = "fid") -> float:
+    """Mean of ``log(val_{metric}_{k}step)`` over ``steps`` (a distance: lower is better); inf if any
+    is missing or not finite."""
+    values = [row.get(f"val_{metric}_{k}step") for k in steps]
     if any(v is None or not math.isfinite(v) or v <= 0 for v in values):
         return math.inf
     return sum(math.log(cast(float, v)) for v in values) / len(values)  # all present and finite here
@@ -98,9 +99,10 @@ class SnapshotSelector:
         config: dict[str, Any] | None = None,
         *,
         per_steps: bool = False,
+        metric: str = "fid",
     ) -> None:
         root = Path(run_dir) / SELECTED
-        self.steps, self.per_steps = tuple(steps), per_steps
+        self.steps, self.per_steps, self.metric = tuple(steps), per_steps, metric
         self.config = config or {}
         specs = [((k,), root / f"{k}step") for k in self.steps] if per_steps else [(self.steps, root)]
         self.tracks = [_Track(s, p) for s, p in specs]
@@ -142,15 +144,15 @@ class SnapshotSelector:
     def offer(self, row: dict[str, Any], generator: nn.Module) -> list[tuple[int, ...]]:
         """Keep ``generator`` (evaluated as ``row``) wherever it beats the best so far; returns the
         step counts of the criteria it won (empty when none)."""
-        if not any(f"val_fid_{k}step" in row for k in self.steps):
+        if not any(f"val_{self.metric}_{k}step" in row for k in self.steps):
             raise ConfigError(
                 f"eval.select={'validation_per_steps' if self.per_steps else 'validation'} "
-                "needs validation FIDs (val_fid_*), which this evaluation does not produce; "
+                f"needs validation figures (val_{self.metric}_*), which this evaluation does not produce; "
                 "use eval.select=final"
             )
         won = []
         for track in self.tracks:
-            score = validation_score(row, track.steps)
+            score = validation_score(row, track.steps, self.metric)
             if score >= track.best_score:
                 continue
             tensors = {f"generator/{k}": v for k, v in generator.state_dict().items()}
