@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sidflow.metrics import FeatureStats, frechet_distance
-from sidflow.metrics.features import OPENAI_CLIP, ClipEmbedder, DinoV2Features, Preprocess, clip_score
+from sidflow.metrics.features import OPENAI_CLIP, ClipEmbedder, DinoV2Features, Preprocess, clip_score, pick_scores
+from sidflow.testing import build_tiny_metric_models
 
 
 def _independent_fd(a: np.ndarray, b: np.ndarray) -> float:
@@ -47,23 +48,15 @@ def test_frechet_distance_rejects_bad_shapes():
         frechet_distance(np.zeros(5), np.zeros((5, 1)))
 
 
-def _tiny_clip():
-    from transformers import CLIPConfig, CLIPModel
+def _tiny_clip(tmp_path):
+    from transformers import AutoTokenizer, CLIPModel
 
-    from sidflow.testing import _clip_tokenizer
-
-    tokenizer = _clip_tokenizer()
-    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
-    text |= {"num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1}
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-    vision |= {"image_size": 32, "patch_size": 8}
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
-    return model, tokenizer
+    folder = build_tiny_metric_models(tmp_path)["clip"]
+    return CLIPModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
 
 
-def test_clip_score_equals_a_hand_computation():
-    model, tokenizer = _tiny_clip()
+def test_clip_score_equals_a_hand_computation(tmp_path):
+    model, tokenizer = _tiny_clip(tmp_path)
     clip = ClipEmbedder(model, tokenizer=tokenizer)
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     prompts = ["a red cat", "two dogs", "a blue house"]
@@ -78,6 +71,38 @@ def test_clip_score_equals_a_hand_computation():
     assert clip_score(images, prompts, clip) == pytest.approx(want, rel=1e-5, abs=1e-5)
     with pytest.raises(ValueError, match="one prompt per image"):
         clip_score(images, prompts[:2], clip)
+    # PickScore: the model's own logit scale times the cosine, per pair (not clamped)
+    picks = pick_scores(images, prompts, clip)
+    torch.testing.assert_close(picks, model.logit_scale.exp().double() * cos, rtol=1e-5, atol=1e-5)
+    # grey images are read as 3 equal channels
+    grey = images[:, :1]
+    torch.testing.assert_close(clip.images(grey), clip.images(grey.expand(-1, 3, -1, -1)))
+
+
+def test_image_metrics_suite_and_a_missing_fid_extra(tmp_path, capsys):
+    from sidflow.metrics.suite import ImageMetrics, MetricModels
+
+    models = build_tiny_metric_models(tmp_path)
+    suite = ImageMetrics(
+        ["fd_dinov2", "clip", "pickscore", "fid"],
+        MetricModels(models["dino"], models["clip"], models["clip"], models["clip"]),
+        batch=3,
+    )
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:  # this machine: no torchvision, so no Inception network: skipped, named, never faked
+        assert suite.names == ("fd_dinov2", "clip", "pickscore") and "sidflow[fid]" in suite.skipped["fid"]
+        assert "skipping fid" in capsys.readouterr().out
+    images = torch.rand(6, 3, 24, 40, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    prompts = ["a cat", "a dog", "a car", "a cup", "a hat", "a pen"]
+    rows = suite.rows(images, prompts)
+    assert rows["dino"].shape == (6, 32) and rows["clip"].shape == (6,) and rows["pickscore"].shape == (6,)
+    reference = {"dino": FeatureStats.of(rows["dino"].flip(0) + 0.5)}
+    figures = suite.summarise(rows, reference)
+    assert figures["fd_dinov2"] == pytest.approx(frechet_distance(rows["dino"], rows["dino"] + 0.5))
+    assert figures["clip"] == pytest.approx(float(rows["clip"].mean()))
+    with pytest.raises(ValueError, match="choose from"):
+        ImageMetrics(["fd_inception"])
 
 
 def test_dinov2_features_and_preprocessing():

@@ -12,8 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
-import subprocess
 import sys
 import textwrap
 import zlib
@@ -21,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import torchrun  # noqa: I001  (tests/ on the path)
 
 from sidflow.config import DataConfig
 from sidflow.core.denoiser import Cond
@@ -61,7 +60,7 @@ def test_jsonl_default_and_named_columns(tmp_path):
     assert read_prompts(path, column="caption") == ["c1", "c2"]
     with pytest.raises(DataError, match="no column 'title' \\(it has: id, prompt, caption\\)") as err:
         read_prompts(path, column="title")
-    assert "data.prompt_column" in _one_line_error(err)
+    assert "set prompt_column (data.prompt_column" in _one_line_error(err)
     (tmp_path / "ids.jsonl").write_text('{"id": 1}\n')
     with pytest.raises(DataError, match="'text' / 'prompt' / 'caption'.*it has: id"):
         read_prompts(tmp_path / "ids.jsonl")
@@ -336,13 +335,7 @@ _WORKER = textwrap.dedent("""
 def test_two_gloo_ranks_share_the_encoding(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    out = subprocess.run(
-        [*cmd, str(tmp_path), str(Path(__file__).parent)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    torchrun([str(script), str(tmp_path), str(Path(__file__).parent)], timeout=300)
     shares = [(tmp_path / f"encoded-{r}.txt").read_text().splitlines() for r in range(2)]
     assert shares == [PROMPTS[:200][0::2], PROMPTS[:200][1::2]]
     assert {p.name[:11] for p in _shards(tmp_path)} == {"shard-r000-", "shard-r001-"}

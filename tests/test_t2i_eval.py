@@ -34,26 +34,24 @@ def metric_models(tmp_path_factory) -> list[str]:
     ]
 
 
-def test_a_tiny_sd3_run_evaluates_in_the_loop_and_keeps_its_validation_best(tmp_path, metric_models):
+def _t2i_run_args(tmp_path: Path, metric_models: list[str]) -> list[str]:
+    """``sidflow distill`` overrides of a short tiny-SD3 run evaluated in the loop by ``eval.kind=t2i``."""
     teacher = tiny_pipeline("sd3", tmp_path / "pipes")
     (tmp_path / "train.txt").write_text("a red cube\na blue ball\na green cone\n")
     (tmp_path / "report.txt").write_text("".join(f"a small {c} house\n" for c in ("red", "blue", "grey", "pink")))
     (tmp_path / "val.txt").write_text("".join(f"a tall {c} tree\n" for c in ("red", "blue", "grey")))
-    run = tmp_path / "run"
-    args = [
-        "distill",
+    return [
         "--preset",
         "sd3-medium-4step",
-        "--run-dir",
-        str(run),
         f"teacher.path={teacher}",
         "teacher.time_scale=1000",
         f"data.prompts={tmp_path / 'train.txt'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
         "data.resolution=32",
         "train.total_kimg=none",
         "train.max_steps=4",
         "train.batch=2",
-        "train.batch_gpu=2",
+        "train.batch_gpu=1",
         "train.ema_halflife_kimg=0.01",
         "eval.kind=t2i",
         f"eval.prompts={tmp_path / 'report.txt'}",
@@ -66,10 +64,22 @@ def test_a_tiny_sd3_run_evaluates_in_the_loop_and_keeps_its_validation_best(tmp_
         "eval.batch=3",
         "eval.metrics=fd_dinov2,clip,pickscore",
         "eval.select=validation",
-        f"eval.feature_cache={tmp_path / 'features'}",
         *metric_models,
     ]
-    assert cli.main(args) == 0
+
+
+@pytest.fixture(scope="module")
+def t2i_run(tmp_path_factory, metric_models) -> tuple[Path, list[str]]:
+    tmp_path = tmp_path_factory.mktemp("t2i")
+    args = _t2i_run_args(tmp_path, metric_models)
+    run = tmp_path / "run"
+    assert cli.main(["distill", "--run-dir", str(run), *args, f"eval.feature_cache={tmp_path / 'features'}"]) == 0
+    return run, args
+
+
+def test_a_tiny_sd3_run_evaluates_in_the_loop_and_keeps_its_validation_best(t2i_run):
+    run, _ = t2i_run
+    tmp_path = run.parent
     metrics = json.loads((run / "metrics.json").read_text())
     history = metrics["history"]
     assert [row["images_seen"] for row in history] == [0, 4, 8]  # before training, after 2 and 4 iterations
@@ -87,6 +97,26 @@ def test_a_tiny_sd3_run_evaluates_in_the_loop_and_keeps_its_validation_best(tmp_
     assert "FD-DINOv2" in report and "CLIP score" in report and "selected by" in report
     # the reference features were cached: 2 sets (reported, validation) x 3 rows (dino, clip, pickscore)
     assert len(list((tmp_path / "features").glob("*.safetensors"))) == 6
+
+
+@pytest.mark.parametrize("sharding", ["none", "fsdp2"])
+def test_two_gloo_ranks_share_the_in_loop_evaluation_and_match_one_process(t2i_run, tmp_path, sharding):
+    """Each rank generates and scores its chunks of both prompt sets (under FSDP2 from gathered
+    copies of the generator and, for the reference, of the teacher); the figures equal one process's
+    (its training too, up to float summation order)."""
+    one, args = t2i_run
+    two = tmp_path / "two"
+    features = tmp_path / "features"  # a fresh cache: the 2 ranks compute the teacher reference themselves
+    run_args = [*args, f"train.sharding={sharding}", f"eval.feature_cache={features}"]
+    torchrun(["-m", "sidflow.cli", "distill", "--run-dir", str(two), *run_args])
+    ours = json.loads((two / "metrics.json").read_text())["history"]
+    theirs = json.loads((one / "metrics.json").read_text())["history"]
+    assert [r["images_seen"] for r in ours] == [r["images_seen"] for r in theirs]
+    # (float differences only: 1 thread per rank here against 2 threads in the test process)
+    for mine, want, rel in zip(ours, theirs, (1e-4, 1e-3, 1e-3), strict=True):  # untrained: same weights
+        figures = {k: v for k, v in want.items() if k.endswith("step") and not k.startswith("sec_")}
+        assert {k: mine[k] for k in figures} == pytest.approx(figures, rel=rel, abs=1e-6)
+    assert len(list(features.glob("*.safetensors"))) == 6
 
 
 def test_eval_settings_fail_fast_with_one_line(tmp_path, metric_models):
@@ -179,3 +209,42 @@ def test_reference_images_are_read_in_batches_and_a_corrupt_one_is_counted(tmp_p
     torch.testing.assert_close(images[2, :, 8, 8], expected, atol=1e-2, rtol=0)
     with pytest.raises(DataError, match="neither a folder"):
         list(iter_images(tmp_path / "missing.txt", 16, batch=2))
+
+
+def test_sidflow_eval_of_the_exported_pipeline_equals_the_run_folder(digits_run, tmp_path, metric_models):
+    """The exported generator_pipeline (step times and resolution from its sidflow_generator.json,
+    the teacher it was distilled from) scores as the run folder's final weights do."""
+    cache = tmp_path / "features"
+    same_reference = "eval.teacher_guidance=1.25"  # the digits run's kappa4 (an export carries no guidance)
+    run_args = _eval_args(digits_run, cache, metric_models, tmp_path / "run.json")
+    assert cli.main(["eval", *run_args, same_reference]) == 0
+    exported = _eval_args(digits_run / "generator_pipeline", cache, metric_models, tmp_path / "exported.json")
+    assert cli.main(["eval", *exported, same_reference]) == 0
+    run = json.loads((tmp_path / "run.json").read_text())["figures"]
+    pipe = json.loads((tmp_path / "exported.json").read_text())["figures"]
+    figures = {k: v for k, v in run.items() if not k.startswith("sec_")}
+    assert {k: pipe[k] for k in figures} == pytest.approx(figures, rel=1e-6)
+
+
+def test_sidflow_eval_against_real_images_in_a_folder(digits_run, tmp_path, metric_models, capsys):
+    """A COCO-style reference: captions as the prompts, a folder of images as the reference set; an
+    unreadable image is skipped and counted; a changed folder is a new cache entry."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for i in range(12):
+        pixels = (torch.rand(28, 28, generator=gen) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels, mode="L").save(images / f"{i:03d}.png")
+    (images / "broken.png").write_bytes(b"\x89PNG truncated")
+    cache = tmp_path / "features"
+    args = _eval_args(digits_run, cache, metric_models, tmp_path / "real.json")
+    assert cli.main(["eval", *args, f"eval.reference={images}", "eval.metrics=fd_dinov2,clip"]) == 0
+    out = json.loads((tmp_path / "real.json").read_text())
+    assert out["figures"]["fd_dinov2_1step"] > 0 and out["teacher"] == {}  # no teacher reference was made
+    assert "1 unreadable reference images" in capsys.readouterr().out
+    assert len(list(cache.glob("*.safetensors"))) == 1  # the folder's DINOv2 features
+    Image.fromarray(pixels, mode="L").save(images / "extra.png")
+    assert cli.main(["eval", *args, f"eval.reference={images}", "eval.metrics=fd_dinov2,clip"]) == 0
+    assert len(list(cache.glob("*.safetensors"))) == 2

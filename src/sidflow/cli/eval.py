@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("target", type=Path, help="a 'sidflow distill' run folder or an exported generator_pipeline")
     p.add_argument("--steps", default=None, help="generator step counts, e.g. 1,4 (default: eval.student_steps)")
-    p.add_argument("--teacher", default=None, help="exported pipelines: the teacher (folder or hub id) for FD-T")
+    p.add_argument(
+        "--teacher", default=None, help="exported pipelines: the teacher (default: the one it was distilled from)"
+    )
     p.add_argument("--out", type=Path, default=None, help="figures JSON (default TARGET/eval.json)")
     p.add_argument("overrides", nargs="*", help="eval.key=value overrides, e.g. eval.prompts=captions.jsonl")
     return p
@@ -48,12 +50,14 @@ def _exported(target: Path, teacher: str | None) -> tuple[Any, list[float]]:
     from sidflow.config import SiDConfig, TeacherConfig
 
     settings = json.loads((target / "sidflow_generator.json").read_text())
+    teacher = teacher or settings.get("teacher")
     if not teacher:
         raise ConfigError(f"{target} is an exported pipeline; pass --teacher FOLDER_OR_HUB_ID for its reference")
     sigmas = [float(s) for s in settings["sigmas"]]
     config = SiDConfig(teacher=TeacherConfig(path=teacher))
     generator = dataclasses.replace(config.generator, num_steps=len(sigmas), noise_type=settings["noise_type"])
-    return dataclasses.replace(config, generator=generator), sigmas
+    data = dataclasses.replace(config.data, resolution=int(settings.get("resolution", config.data.resolution)))
+    return dataclasses.replace(config, generator=generator, data=data), sigmas
 
 
 def main(argv: list[str]) -> int:

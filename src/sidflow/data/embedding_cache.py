@@ -47,6 +47,7 @@ def settings_hash(settings: dict) -> str:
 
 
 def prompt_key(prompt: str) -> bytes:
+    """A prompt's cache key: 24 hex digits of its BLAKE2b hash (ASCII bytes, as stored in shards)."""
     return hashlib.blake2b(prompt.encode("utf-8"), digest_size=12).hexdigest().encode()
 
 
@@ -84,8 +85,9 @@ class DiskEmbeddingCache:
     unique name, so writers never collide. The index, rebuilt from the key tensors on
     :meth:`reload`, is two numpy arrays (sorted keys, packed ``shard << 32 | row``): 32 bytes a
     prompt, and a lookup is a binary search plus one read per tensor from an open shard file (an
-    LRU of ``open_shards``, headers parsed once). An unreadable shard is skipped with a warning: its prompts count
-    as missing and are encoded again.
+    LRU of ``open_shards``, headers parsed once): its cost does not grow with the number of
+    prompts. An unreadable shard is skipped with a warning: its prompts count as missing and are
+    encoded again.
     """
 
     def __init__(
@@ -105,13 +107,16 @@ class DiskEmbeddingCache:
         self.rank = rank  # names the shards this process writes
         self.shard_bytes, self.shard_rows, self.open_shards = int(shard_bytes), int(shard_rows), int(open_shards)
         self.meta: dict = {}  # the encoder's Cond.meta, stored with every shard
-        self._buffer: dict[str, Tensor] | None = None
+        self._buffer: dict[str, Tensor] | None = None  # one shard's rows, allocated on first use
+        self._capacity = 0  # rows of the buffer
         self._pending: dict[bytes, int] = {}  # key -> buffer row, for rows not yet written
         self._pending_keys: list[bytes] = []
         self.reload()
 
     def reload(self) -> None:
         """Rebuild the index from the shards on disk (e.g. once other ranks have written theirs)."""
+        for open_shard in getattr(self, "_open", {}).values():
+            open_shard.close()
         self._shards: list[Path] = []
         self._bad: set[int] = set()
         self._open: OrderedDict[int, _ShardFile] = OrderedDict()
@@ -179,14 +184,18 @@ class DiskEmbeddingCache:
             return None
 
     def add(self, prompts: Sequence[str], cond: Cond) -> None:
-        """Buffer the rows of ``cond`` (on the CPU) for ``prompts``; a full buffer is written as a shard."""
+        """Buffer the rows of ``cond`` for ``prompts`` (one row each); a full buffer is written as a shard."""
+        if len(cond) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(cond)} rows of embeddings")
         tensors = {name: cond[name].detach().cpu() for name in cond.keys()}
         self.meta = dict(cond.meta)
         start = 0
         while start < len(prompts):
             buffer = self._buffer if self._buffer is not None else self._allocate(tensors)
+            if set(buffer) != set(tensors):
+                raise ValueError(f"the encoder's fields changed from {sorted(buffer)} to {sorted(tensors)}")
             fill = len(self._pending_keys)
-            take = min(len(next(iter(buffer.values()))) - fill, len(prompts) - start)
+            take = min(self._capacity - fill, len(prompts) - start)
             for name, value in tensors.items():
                 buffer[name][fill : fill + take] = value[start : start + take]
             for j, prompt in enumerate(prompts[start : start + take]):
@@ -194,13 +203,13 @@ class DiskEmbeddingCache:
                 self._pending[key] = fill + j
                 self._pending_keys.append(key)
             start += take
-            if len(self._pending_keys) == len(next(iter(buffer.values()))):
+            if len(self._pending_keys) == self._capacity:
                 self.flush(keep_buffer=True)
 
     def _allocate(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         row_bytes = sum(t[0].numel() * t.element_size() for t in tensors.values())
-        rows = max(1, min(self.shard_rows, self.shard_bytes // max(row_bytes, 1)))
-        self._buffer = {name: torch.empty((rows, *t.shape[1:]), dtype=t.dtype) for name, t in tensors.items()}
+        self._capacity = max(1, min(self.shard_rows, self.shard_bytes // max(row_bytes, 1)))
+        self._buffer = {name: torch.empty((self._capacity, *t.shape[1:]), dtype=t.dtype) for name, t in tensors.items()}
         return self._buffer
 
     def flush(self, keep_buffer: bool = False) -> None:

@@ -39,7 +39,8 @@ def read_prompts(spec: str | Path, column: str | None = None) -> list[str]:
 
     Args:
         spec: the path (``data.prompts``), with an optional ``::split`` for a ``DatasetDict`` folder.
-        column: the table column holding the prompts; None tries ``"text"``, ``"prompt"``, ``"caption"``.
+        column: the table column holding the prompts (``data.prompt_column``); None tries
+            ``"text"``, ``"prompt"``, ``"caption"``.
 
     Returns:
         The non-blank prompts, stripped, in file order (duplicates kept: they weight the draws).
@@ -67,7 +68,7 @@ def read_prompts(spec: str | Path, column: str | None = None) -> list[str]:
     if suffix == ".parquet":
         return _nonblank(_read_parquet(path, column), path)
     if column is not None:
-        raise DataError(f"data.prompt_column={column!r} applies to tables, but {path} is a text file; unset it")
+        raise DataError(f"prompt_column={column!r} applies to tables, but {path} is a text file; unset it")
     return read_prompt_file(path)
 
 
@@ -91,7 +92,7 @@ def _pick_column(columns: Sequence[str], column: str | None, path: Path) -> str:
     what = f"column {column!r}" if column is not None else "column " + " / ".join(map(repr, DEFAULT_COLUMNS))
     raise DataError(
         f"{path} has no {what} (it has: {', '.join(map(str, columns)) or 'none'}); "
-        "set data.prompt_column to the one holding the prompts"
+        "set prompt_column (data.prompt_column, eval.prompt_column) to the one holding the prompts"
     )
 
 

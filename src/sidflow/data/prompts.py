@@ -148,8 +148,9 @@ class PromptSource:
         With a disk cache, rank ``r`` of ``w`` encodes the missing prompts ``[r::w]`` (in order of
         first appearance, the same list on every rank since all read the index before any writes)
         into shards named with its rank, one batch at a time; the ranks then meet at a barrier and
-        re-read the index. Without one, the in-memory LRU is filled only when every prompt fits
-        (filling part of it would just churn under random draws).
+        re-read the index (so under ``torch.distributed`` every rank must call it). Without one,
+        the in-memory LRU is filled only when every prompt fits (filling part of it would just
+        churn under random draws).
 
         Args:
             offload: move the text encoders to the CPU when the source ends fully cached.

@@ -124,6 +124,7 @@ class T2IEvaluation:
         self.cache_dir = Path(ec.feature_cache) if ec.feature_cache else default_feature_cache()
         self.guidance = ec.teacher_guidance if ec.teacher_guidance is not None else config.guidance.kappa4
         self._references: dict[str, tuple[dict[str, FeatureStats], dict[str, float]]] = {}
+        self._teacher_net: Denoiser | None = None  # a copy to sample the reference with (FSDP2 runs)
 
     # -- sharing work between ranks -------------------------------------------------------------
     def _my_chunks(self, n: int) -> list[list[int]]:
@@ -182,6 +183,7 @@ class T2IEvaluation:
             self._noise(idx, seed),
             num_steps=self.config.eval.teacher_steps,
             guidance_scale=self.guidance,
+            denoiser=self._teacher_net,
         )
         return self.teacher.decode_latents(latents).float().cpu()
 
@@ -204,19 +206,48 @@ class T2IEvaluation:
             "dtype": self.config.teacher.dtype,
         }
 
+    def _splits(self) -> list[str]:
+        return ["reported", "validation"] if self.val_prompts else ["reported"]
+
+    def prepare_references(self, teacher_net: Callable[[], Denoiser | None]) -> None:
+        """Compute (or read from the cache) every reference before the first evaluation, sampling the
+        teacher with ``teacher_net()`` (called once, and only when a teacher reference is missing:
+        under FSDP2 it gathers a copy of the teacher, a collective, dropped here when done)."""
+        missing = any(self._missing(split) for split in self._splits())
+        if self.world_size > 1:
+            missing = broadcast_object(missing)
+        if not missing:
+            for split in self._splits():
+                self.reference(split)
+            return
+        self._teacher_net = teacher_net()
+        try:
+            for split in self._splits():
+                self.reference(split)
+        finally:
+            self._teacher_net = None
+
+    def _descriptions(self, split: str) -> dict[str, dict[str, Any]]:
+        source = self._source(split)
+        names = list(self.metrics.extractors) + (
+            [n for n in ("clip", "pickscore") if n in self.metrics.names] if source["kind"] == "teacher" else []
+        )
+        return {
+            name: {**(self.metrics.describe(name) if name in self.metrics.extractors else {"row": name}), **source}
+            for name in names
+        }
+
+    def _missing(self, split: str) -> bool:
+        """Whether this rank's cache lacks a reference entry of ``split``."""
+        return any(load_cached(self.cache_dir, d) is None for d in self._descriptions(split).values())
+
     def reference(self, split: str) -> tuple[dict[str, FeatureStats], dict[str, float]]:
         """``(fits by feature row, the reference's own figures)`` of ``split`` ("reported" or
         "validation"): from the cache, else computed (all ranks share the work) and cached by rank 0."""
         if split in self._references:
             return self._references[split]
         source = self._source(split)
-        names = list(self.metrics.extractors) + (
-            [n for n in ("clip", "pickscore") if n in self.metrics.names] if source["kind"] == "teacher" else []
-        )
-        descriptions = {
-            name: {**(self.metrics.describe(name) if name in self.metrics.extractors else {"row": name}), **source}
-            for name in names
-        }
+        descriptions = self._descriptions(split)
         hits = {name: load_cached(self.cache_dir, d) for name, d in descriptions.items()}
         # one decision for all ranks (rank 0's view of the cache)
         compute = broadcast_object(any(h is None for h in hits.values())) if self.world_size > 1 else None

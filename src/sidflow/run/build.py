@@ -25,7 +25,7 @@ from sidflow.data.prompts import PromptSource
 from sidflow.optim import resolve_precision
 from sidflow.run.checkpoint import resume_trainer
 from sidflow.run.distributed import DistContext, fsdp_mesh
-from sidflow.run.registry import resolve_prompts, resolve_teacher_path
+from sidflow.run.registry import evaluates_on_all_ranks, resolve_prompts, resolve_teacher_path
 from sidflow.run.sharded import build_sharded_networks, gathered_generator
 from sidflow.teachers.lora import LoraSpec, copy_sharing_base, lora_spec
 from sidflow.trainer import SiDTrainer, generator_state_dict
@@ -40,7 +40,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class RunState:
-    """What one rank trains with: the teacher adapter, the trainer and rank 0's scratch generator."""
+    """What one rank trains with: the teacher adapter, the trainer and the scratch generator of the
+    ranks that evaluate (rank 0; every rank when the evaluation shares its samples: ``eval_all_ranks``)."""
 
     teacher: Any
     latent_shape: tuple[int, ...]
@@ -48,6 +49,12 @@ class RunState:
     scratch: nn.Module | None
     sharded: bool
     lora: LoraSpec | None = None
+    eval_all_ranks: bool = False
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether this rank evaluates (and so needs an evaluation generator)."""
+        return self.trainer.rank == 0 or self.eval_all_ranks
 
 
 def load_run_teacher(config: SiDConfig, device: torch.device | str, transformer_device: str | None = None) -> Any:
@@ -95,6 +102,7 @@ def _prompt_source(config: SiDConfig, teacher: Any, ctx: DistContext) -> PromptS
 def build_run(config: SiDConfig, run_dir: Path, ctx: DistContext) -> RunState:
     """This rank's networks and trainer, resumed from the run folder's newest checkpoint if any."""
     sharded = use_fsdp2(config, ctx.world_size)
+    eval_all_ranks = evaluates_on_all_ranks(config)
     # shard first: rank 0 reads the transformer's weights into host memory, the others build it on meta
     teacher = load_run_teacher(config, ctx.device, ("cpu" if ctx.is_main else "meta") if sharded else None)
     latent_shape = teacher.latent_shape(config.data.resolution)
@@ -127,30 +135,42 @@ def build_run(config: SiDConfig, run_dir: Path, ctx: DistContext) -> RunState:
         )
         for net in networks[1:]:  # before the trainer snapshots its EMA (DDP's sync_module_states)
             broadcast_module_(net)
-        if config.train.ema_halflife_kimg > 0 and ctx.is_main:
+        if config.train.ema_halflife_kimg > 0 and (ctx.is_main or eval_all_ranks):
             scratch = copy_sharing_base(networks[2]).requires_grad_(False)  # LoRA: the base is shared
     trainer = SiDTrainer(*networks, source, latent_shape, config, ctx.device, rank=ctx.rank, world_size=ctx.world_size)
     ckpt = resume_trainer(trainer, run_dir, rank=ctx.rank, sharded=sharded)
     if ckpt is not None and ctx.is_main:
         print(f"resumed from {ckpt} (iteration {trainer.iteration})")
-    return RunState(teacher, latent_shape, trainer, scratch, sharded, lora)
+    return RunState(teacher, latent_shape, trainer, scratch, sharded, lora, eval_all_ranks)
 
 
 def eval_generator(run: RunState) -> nn.Module | None:
-    """The generator rank 0 evaluates and exports: the EMA weights when on, in the scratch copy.
+    """The generator an evaluating rank (:attr:`RunState.evaluates`) scores and rank 0 exports: the
+    EMA weights when on, in the scratch copy; None on the other ranks.
 
-    Under FSDP2 the (EMA) generator is gathered on demand into a fresh unsharded copy on rank 0
-    (:func:`~sidflow.run.sharded.gathered_generator`), a collective every rank joins (the others
-    get None); the caller drops it when done.
+    Under FSDP2 the (EMA) generator is gathered on demand into a fresh unsharded copy on each
+    evaluating rank (:func:`~sidflow.run.sharded.gathered_generator`), a collective every rank joins;
+    the caller drops it when done.
     """
     trainer = run.trainer
     if run.sharded:
-        return gathered_generator(trainer, run.teacher.denoiser if trainer.rank == 0 else None, ema=True, lora=run.lora)
+        return gathered_generator(trainer, run.teacher.denoiser if run.evaluates else None, ema=True, lora=run.lora)
+    if not run.evaluates:
+        return None
     if trainer.ema is None or run.scratch is None:
         return trainer.generator  # type: ignore[return-value]
     with torch.no_grad():
         run.scratch.load_state_dict(generator_state_dict(trainer, ema=True))
     return run.scratch
+
+
+def eval_teacher(run: RunState) -> nn.Module | None:
+    """The frozen teacher for an evaluation's teacher reference on an evaluating rank: the teacher's
+    own network, or under FSDP2 a gathered copy of it (collective; the caller drops it when done)."""
+    if run.sharded:
+        template = run.teacher.denoiser if run.evaluates else None
+        return gathered_generator(run.trainer, template, ema=False, lora=run.lora, teacher=True)
+    return run.trainer.teacher if run.evaluates else None  # type: ignore[return-value]
 
 
 def release_optimizer_state(run: RunState) -> None:

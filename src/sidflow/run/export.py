@@ -76,6 +76,8 @@ def _write_settings(out: Path, config: SiDConfig, usage: str, extra: dict | None
         "noise_type": gc.noise_type,
         "scheduler": {"shift": 1.0, "use_dynamic_shifting": False, "stochastic_sampling": gc.noise_type == "fresh"},
         "usage": usage + "; fixed noise has no stock equivalent",
+        "resolution": config.data.resolution,  # what it was distilled at (sidflow eval reads it)
+        "teacher": config.teacher.path,
         **(extra or {}),
     }
     (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n")

@@ -25,7 +25,14 @@ from sidflow.atomic import atomic_file
 from sidflow.collectives import barrier, mean_over_ranks
 from sidflow.config import SiDConfig, to_dict
 from sidflow.core.denoiser import Denoiser
-from sidflow.run.build import RunState, build_run, eval_generator, release_optimizer_state, teacher_for_report
+from sidflow.run.build import (
+    RunState,
+    build_run,
+    eval_generator,
+    eval_teacher,
+    release_optimizer_state,
+    teacher_for_report,
+)
 from sidflow.run.checkpoint import save_trainer
 from sidflow.run.distributed import DistContext, init_from_env, shutdown
 from sidflow.run.logging import RunLogger
@@ -68,7 +75,10 @@ def _train(
     config: SiDConfig, run_dir: Path, ctx: DistContext, run: RunState, progress: bool, start: float
 ) -> dict[str, Any]:
     main, trainer, tc = ctx.is_main, run.trainer, config.train
-    evaluation = make_evaluation(config, run.teacher, run.latent_shape, ctx.device) if main else None
+    evaluation = make_evaluation(config, run.teacher, run.latent_shape, ctx.device) if run.evaluates else None
+    if evaluation is not None and run.eval_all_ranks and hasattr(evaluation, "prepare_references"):
+        # the teacher's reference samples, unless cached (collective: every rank evaluates here)
+        cast(Any, evaluation).prepare_references(lambda: eval_teacher(run))
     total, eval_every = tc.num_steps(), eval_interval(config)
     log = (
         RunLogger(
@@ -92,7 +102,9 @@ def _train(
     if eval_every and trainer.iteration == 0:  # the untrained generator (= the teacher's sampler)
         student = eval_generator(run)
         if evaluation is not None and student is not None:
-            history.append(evaluation.score_student(cast(Denoiser, student), trainer.images_seen))
+            row = evaluation.score_student(cast(Denoiser, student), trainer.images_seen)
+            if main:
+                history.append(row)
         del student  # under FSDP2 a gathered copy: not kept through training
 
     train_seconds = 0.0
@@ -117,12 +129,13 @@ def _train(
             log.advance(postfix)
         if eval_every and it % eval_every == 0 and it != total:
             student = eval_generator(run)  # collective under FSDP2
-            if evaluation is not None and student is not None and log is not None:
-                row = evaluation.score_student(cast(Denoiser, student), trainer.images_seen)
-                history.append(row)
-                log.row(row)
-                kept = selector.offer(row, student) if selector is not None else []
-                log.say(evaluation.describe(row) + kept_note(kept, selector))
+            if evaluation is not None and student is not None:  # every evaluating rank takes part
+                scored = evaluation.score_student(cast(Denoiser, student), trainer.images_seen)
+                if log is not None:
+                    history.append(scored)
+                    log.row(scored)
+                    kept = selector.offer(scored, student) if selector is not None else []
+                    log.say(evaluation.describe(scored) + kept_note(kept, selector))
             del student  # under FSDP2 a gathered copy: not kept through training
         if tc.ckpt_every and it % tc.ckpt_every == 0 and it != total:
             save_trainer(trainer, run_dir, to_dict(config), is_main=main, sharded=run.sharded, keep=tc.keep_checkpoints)
@@ -135,6 +148,11 @@ def _train(
     ckpt = save_trainer(trainer, run_dir, to_dict(config), is_main=main, sharded=run.sharded, keep=tc.keep_checkpoints)
     release_optimizer_state(run)  # training is over: room for the gathered generator and the teacher
     final_gen = eval_generator(run)
+    final = (
+        evaluation.score_student(cast(Denoiser, final_gen), trainer.images_seen)
+        if evaluation is not None and final_gen is not None
+        else None
+    )  # every evaluating rank takes part
     if log is None or ckpt is None or final_gen is None:
         return {"rank": ctx.rank, **result}
     result.update(
@@ -144,8 +162,7 @@ def _train(
         sharding="fsdp2" if run.sharded else "none",
     )
     generators = None
-    if evaluation is not None:
-        final = evaluation.score_student(cast(Denoiser, final_gen), trainer.images_seen)
+    if evaluation is not None and final is not None:
         history.append(final)
         log.row(final)
         result["final"], result["history"] = final, history

@@ -46,7 +46,6 @@ import importlib
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -55,9 +54,9 @@ from torch import nn
 
 from sidflow.config import SiDConfig
 from sidflow.core.denoiser import Cond
-from sidflow.errors import ConfigError
+from sidflow.errors import ConfigError, SidflowError
 from sidflow.optim import resolve_precision
-from sidflow.run.registry import resolve_teacher_path
+from sidflow.run.registry import resolve_prompts, resolve_teacher_path
 from sidflow.run.sharded import build_sharded_networks
 from sidflow.teachers.base import TransformerDenoiser, configure_networks, distinct_transformers, meta_networks
 from sidflow.teachers.configs import TeacherSpec, count_params, meta_model, resolve_spec
@@ -167,10 +166,11 @@ def _breakdown(snapshot: dict) -> dict[str, float]:
 
 
 def _prompt_count(config: SiDConfig) -> int | None:
-    path = Path(config.data.prompts).expanduser()
-    if config.data.prompts.startswith("builtin:") or not path.is_file():
+    """How many prompts ``data.prompts`` holds (any format), or None when it cannot be read here."""
+    try:
+        return len(resolve_prompts(config.data.prompts, config.data.prompt_column))
+    except SidflowError:
         return None
-    return sum(1 for line in path.read_text().splitlines() if line.strip())
 
 
 def _aux_bytes(spec: TeacherSpec, config: SiDConfig, precision: str) -> tuple[float, float, bool]:

@@ -35,6 +35,7 @@ __all__ = [
     "get_runner",
     "register_evaluation",
     "make_evaluation",
+    "evaluates_on_all_ranks",
     "validate",
     "register_teacher_alias",
     "resolve_teacher_path",
@@ -57,9 +58,12 @@ _loaded = False
 
 def _t2i(config: SiDConfig, teacher: Any, latent_shape: tuple[int, ...], device: torch.device) -> Evaluation:
     """``eval.kind=t2i`` (built in): :class:`sidflow.eval.t2i.T2IEvaluation` on the run's prompt sets."""
+    import torch.distributed as dist
+
     from sidflow.eval.t2i import T2IEvaluation  # lazy: transformers' metric models
 
     ec = config.eval
+    shared = dist.is_available() and dist.is_initialized()  # built on every rank of a run
     if not ec.prompts:
         raise ConfigError("eval.kind=t2i needs eval.prompts (a prompt file or builtin:NAME) to score the student on")
     return T2IEvaluation(
@@ -69,10 +73,13 @@ def _t2i(config: SiDConfig, teacher: Any, latent_shape: tuple[int, ...], device:
         device,
         prompts=resolve_prompts(ec.prompts, ec.prompt_column),
         val_prompts=resolve_prompts(ec.val_prompts, ec.prompt_column) if ec.val_prompts else [],
+        rank=dist.get_rank() if shared else 0,
+        world_size=dist.get_world_size() if shared else 1,
     )
 
 
 _EVALUATIONS["t2i"] = _t2i
+_ALL_RANKS: set[str] = {"t2i"}
 
 
 def load_plugins() -> None:
@@ -116,9 +123,23 @@ def get_runner(kind: str) -> Runner:
     return _get(_RUNNERS, kind, "runner", "teacher.kind")
 
 
-def register_evaluation(kind: str, factory: EvaluationFactory, *, replace: bool = False) -> None:
-    """Make ``eval.kind=<kind>`` available to runs."""
+def register_evaluation(
+    kind: str, factory: EvaluationFactory, *, replace: bool = False, all_ranks: bool = False
+) -> None:
+    """Make ``eval.kind=<kind>`` available to runs. ``all_ranks``: the evaluation shares its samples
+    between ranks (built and called on every rank, each with a generator); otherwise only rank 0
+    builds and calls it."""
     _register(_EVALUATIONS, kind, factory, "evaluation", replace)
+    if all_ranks:
+        _ALL_RANKS.add(kind)
+    else:
+        _ALL_RANKS.discard(kind)
+
+
+def evaluates_on_all_ranks(config: SiDConfig) -> bool:
+    """Whether ``eval.kind`` runs on every rank (see :func:`register_evaluation`)."""
+    load_plugins()
+    return config.eval.kind in _ALL_RANKS
 
 
 def make_evaluation(

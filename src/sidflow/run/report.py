@@ -29,7 +29,7 @@ def _grid_prompts(
     n = config.eval.grid_size
     if evaluation is not None:
         return evaluation.grid(n)
-    prompts = resolve_prompts(config.data.prompts)
+    prompts = resolve_prompts(config.data.prompts, config.data.prompt_column)
     prompts = [prompts[i % len(prompts)] for i in range(n)]
     return prompts, randn_per_sample(
         latent_shape, seed=config.train.seed, iteration=0, stream="grid/z", indices=range(n)

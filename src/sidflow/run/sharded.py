@@ -135,10 +135,17 @@ def fill_from_(template: TransformerDenoiser, networks: Networks | tuple[nn.Modu
 
 
 def gathered_generator(
-    trainer: SiDTrainer, template: TransformerDenoiser | None, *, ema: bool = True, lora: LoraSpec | None = None
+    trainer: SiDTrainer,
+    template: TransformerDenoiser | None,
+    *,
+    ema: bool = True,
+    lora: LoraSpec | None = None,
+    teacher: bool = False,
 ):
-    """Rank 0: a fresh unsharded copy of the trainer's (EMA) generator on the compute device, for
-    evaluation and export; other ranks: None. Collective: every rank must call it.
+    """Ranks given a ``template`` (rank 0; every rank for a rank-sharded evaluation): a fresh
+    unsharded copy of the trainer's (EMA) generator on the compute device, for evaluation and export
+    (``teacher=True``: of the frozen teacher, for an evaluation's teacher reference); the others:
+    None. Collective: every rank must call it.
 
     The copy is built on ``meta`` from ``template`` (rank 0's teacher denoiser: same class and
     config), allocated in host memory, filled tensor by tensor (each sharded tensor gathered, moved
@@ -146,9 +153,9 @@ def gathered_generator(
     caller drops it when done: no copy stays resident between evaluations. LoRA mode (``lora``): the
     copy is the base (gathered from the teacher view) with the generator's adapter on it, a view.
     """
-    generator = cast(nn.Module, trainer.generator)
+    generator = cast(nn.Module, trainer.teacher if teacher else trainer.generator)
     state: dict[str, Tensor] = dict(generator.state_dict())
-    if ema and trainer.ema is not None:
+    if ema and trainer.ema is not None and not teacher:
         state.update(trainer.ema)
     clone = base = None
     if template is not None:
@@ -160,6 +167,7 @@ def gathered_generator(
             base, _, clone = lora_networks(
                 clone, dataclasses.replace(lora, share_base=True), precision=trainer.precision
             )
+            clone = base if teacher else clone
         clone.transformer.to_empty(device="cpu")
         clone.requires_grad_(False).eval()
         # replicated buffers: the generator's (the teacher's are bf16-cast under amp); LoRA: the shared base's
@@ -169,5 +177,6 @@ def gathered_generator(
                 buffer.copy_(live_buffers[name])
     if lora is not None:  # the shared base, from the teacher view's shards
         gather_into_(base, cast(nn.Module, trainer.teacher).state_dict(), device="cpu" if base is not None else None)
-    gather_into_(clone, state, device="cpu" if clone is not None else None)
+    if lora is None or not teacher:  # (the LoRA teacher is the base itself)
+        gather_into_(clone, state, device="cpu" if clone is not None else None)
     return None if clone is None else clone.to(trainer.device)

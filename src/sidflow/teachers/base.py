@@ -29,7 +29,7 @@ from typing import Any, TypeVar, cast
 import torch
 from torch import Tensor, nn
 
-from sidflow.core.denoiser import Cond
+from sidflow.core.denoiser import Cond, Denoiser
 from sidflow.core.sampling import euler_sample
 from sidflow.errors import TeacherLoadError
 from sidflow.teachers.lora import AdapterSwitch, LoraSpec, adapter_of, add_adapters
@@ -504,13 +504,23 @@ class TeacherBase:
         scheduler.set_timesteps(num_steps)
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], noise: Tensor, *, num_steps: int, guidance_scale: float = 1.0) -> Tensor:
+    def sample(
+        self,
+        prompts: list[str],
+        noise: Tensor,
+        *,
+        num_steps: int,
+        guidance_scale: float = 1.0,
+        denoiser: Denoiser | None = None,
+    ) -> Tensor:
         """The teacher's Euler samples (latents ``[N, C, h, w]``, fp32) from the given initial noise,
-        on the pipeline's own step times, with CFG ``guidance_scale`` (spec 5.2, 15)."""
+        on the pipeline's own step times, with CFG ``guidance_scale`` (spec 5.2, 15); ``denoiser``:
+        another copy of the teacher's network to run (e.g. one gathered from FSDP2 shards)."""
         cond = self.encode_prompts(prompts)
         uncond = self.uncond(len(prompts)) if guidance_scale != 1.0 else None
         sigmas = self.sigmas(num_steps, cast("tuple[int, int, int]", tuple(noise.shape[1:])))
-        return euler_sample(self.denoiser, noise.to(self.device), sigmas, cond, uncond, guidance_scale)
+        net = denoiser if denoiser is not None else self.denoiser
+        return euler_sample(net, noise.to(self.device), sigmas, cond, uncond, guidance_scale)
 
     def export_pipeline(self, generator: TransformerDenoiser, out: Path, *, stochastic_sampling: bool) -> Path:
         """Save ``generator`` as a stock diffusers pipeline of the teacher's own class (spec 15).
