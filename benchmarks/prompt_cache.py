@@ -134,7 +134,7 @@ def worker(n: int, cache_dir: Path, lookups: int, batch: int) -> dict:
     }
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, nargs="+", default=[1000, 200_000], help="sizes, one process each")
     parser.add_argument("--lookups", type=int, default=2000, help="timed sample() calls per size")
@@ -143,7 +143,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker is not None:
         print(json.dumps(worker(args.prompts[0], args.worker, args.lookups, args.batch)))
-        return
+        return 0
     rows = []
     for n in sorted(args.prompts):
         with tempfile.TemporaryDirectory(prefix="sidflow-prompt-cache-") as tmp:
@@ -167,7 +167,8 @@ def main() -> None:
         f"lookup time ratio: sample() {large['sample_ms'] / small['sample_ms']:.2f}x, "
         f"encode() per prompt {large['lookup_us'] / small['lookup_us']:.2f}x"
     )
+    return 0 if growth < GROWTH_BOUND_MB else 1  # over the bound: a failing exit status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

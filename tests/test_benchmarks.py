@@ -37,3 +37,13 @@ def test_gpu_scale_smoke_runs_on_cpu(precision):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["precision"] == precision and result["images_per_s"] > 0 and result["tflops_per_iteration"] > 0
     assert result["loss_gen"] == result["loss_gen"]  # finite, not NaN
+
+
+@pytest.mark.slow
+def test_prompt_cache_benchmark_smoke_run():
+    """benchmarks/prompt_cache.py at small sizes: it runs, prints both rows and holds its own bound."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "prompt_cache.py"), "--prompts", "200", "3000", "--lookups", "50"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["prompts"] for r in rows] == [200, 3000] and all(r["sample_ms"] > 0 for r in rows)
+    assert "bound 200 MB: ok" in out.stdout

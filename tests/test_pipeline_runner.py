@@ -115,3 +115,31 @@ def test_short_lora_run_exports_the_adapter_and_samples(tmp_path):
     assert config.lora.rank == 4 and generator.adapter == "generator"
     images = sample_run(run, ["a red cube"], steps=1)
     assert images.shape[0] == 1 and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("init_generator", ["ema", "raw"])
+def test_init_from_starts_a_run_from_another_runs_networks(tmp_path, init_generator):
+    """train.init_from: the new run's first checkpoint (0 iterations) holds the source run's fake
+    score, its generator from the EMA (or raw) weights, and the EMA; counters start at 0; optimiser
+    states are fresh unless train.init_optimizers=on."""
+    from sidflow.run.checkpoint import latest_checkpoint, read_network
+
+    source, args = _tiny_run(
+        tmp_path, "a red cube\na blue ball\n", "train.batch=2", "train.batch_gpu=2", "train.max_steps=2"
+    )
+    assert distill.main(args) == 0
+    start = tmp_path / "start"
+    rest = [a for a in args if not a.startswith(("--run-dir", "train.max_steps")) and a != str(source)]
+    overrides = [f"train.init_from={source}", f"train.init_generator={init_generator}", "train.max_steps=0"]
+    assert distill.main(["--run-dir", str(start), *rest, *overrides]) == 0
+    theirs, ours = latest_checkpoint(source), latest_checkpoint(start)
+    assert ours is not None and ours.name == "step-00000000"
+    for name in ("fake", "ema"):
+        mine, want = read_network(ours, name), read_network(theirs, name)
+        assert all(torch.equal(mine[k], want[k]) for k in want), name
+    generator, want = (
+        read_network(ours, "generator"),
+        read_network(theirs, "generator" if init_generator == "raw" else "ema"),
+    )
+    assert all(torch.equal(generator[k], want[k]) for k in want)
+    assert json.loads((start / "metrics.json").read_text())["iterations"] == 0

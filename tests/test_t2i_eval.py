@@ -248,3 +248,27 @@ def test_sidflow_eval_against_real_images_in_a_folder(digits_run, tmp_path, metr
     Image.fromarray(pixels, mode="L").save(images / "extra.png")
     assert cli.main(["eval", *args, f"eval.reference={images}", "eval.metrics=fd_dinov2,clip"]) == 0
     assert len(list(cache.glob("*.safetensors"))) == 2
+
+
+_GATHER_WORKER = """
+import sys, torch
+from sidflow.collectives import gather_rows
+from sidflow.run.distributed import init_from_env, shutdown
+
+ctx = init_from_env()
+# rank 0 holds samples 0-2 and 6-8, rank 1 holds 3-5 and 9 (chunks of 3 dealt in turn)
+mine = [[0, 1, 2, 6, 7, 8], [3, 4, 5, 9]][ctx.rank]
+rows = {"f": torch.tensor([[float(i), -float(i)] for i in mine]), "s": torch.tensor([10.0 * i for i in mine])}
+out = gather_rows(rows, mine)
+assert out["f"][:, 0].tolist() == [float(i) for i in range(10)], out["f"]
+assert out["s"].tolist() == [10.0 * i for i in range(10)]
+open(f"{sys.argv[1]}/ok-{ctx.rank}", "w").close()
+shutdown(ctx)
+"""
+
+
+def test_gather_rows_on_two_gloo_ranks_restores_the_sample_order(tmp_path):
+    script = tmp_path / "gather.py"
+    script.write_text(_GATHER_WORKER)
+    torchrun([str(script), str(tmp_path)], timeout=120)
+    assert (tmp_path / "ok-0").exists() and (tmp_path / "ok-1").exists()

@@ -32,6 +32,7 @@ __all__ = [
     "all_reduce_mean_",
     "broadcast_module_",
     "sum_over_ranks",
+    "any_rank",
     "mean_over_ranks",
     "set_gradient_sync",
     "BUCKET_BYTES",
@@ -155,6 +156,13 @@ def sum_over_ranks(value: Tensor) -> Tensor:
     out = value.detach().to(_device()).clone()
     dist.all_reduce(out)
     return out
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (every rank gets the same answer; a host read: not for hot loops)."""
+    if not is_distributed():
+        return flag
+    return bool(sum_over_ranks(torch.tensor(int(flag), device=_device())).item())
 
 
 def mean_over_ranks(values: Mapping[str, Tensor | float]) -> dict[str, float]:

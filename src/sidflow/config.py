@@ -195,6 +195,12 @@ class TrainConfig:
     # gradients (1/world of the memory, R reduce-scatters); "unsharded" keeps full gradients until
     # the last round (FSDP1's no_sync: one reduce-scatter, a full gradient copy per rank)
     accumulate: Literal["sharded", "unsharded"] = "sharded"
+    # start from a finished run's newest checkpoint (fake score, generator and its EMA; the generator
+    # from its EMA weights when init_generator=ema), as the reference's SiDA stage starts from SiD; the
+    # optimiser states too with init_optimizers=on. Ignored once this run has a checkpoint (resume).
+    init_from: str = ""
+    init_generator: Literal["ema", "raw"] = "ema"
+    init_optimizers: Literal["off", "on"] = "off"
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -251,6 +257,12 @@ class DataConfig:
     resolution: int = 512  # image resolution; latents are resolution / VAE factor
     cache_dir: str | None = None  # on-disk prompt-embedding cache (sharded safetensors); None = memory only
     cache_size: int = 4096  # prompts kept in the in-memory LRU
+    # SiDA's real images with captions (gan.mode=sida): a folder with a captions file (metadata.jsonl /
+    # captions.jsonl / .csv: file_name + caption), a captions .jsonl/.csv, a .parquet file, a datasets
+    # folder, or builtin:NAME; their latents are encoded once and cached under data.cache_dir/latents
+    real: str = ""
+    real_caption_column: str | None = None  # None = "caption", "text" or "prompt"
+    real_image_column: str | None = None  # parquet / datasets; None = "image", "img", "jpg" or "png"
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -288,6 +300,14 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _validate(self)
+        from sidflow.metrics.suite import METRICS
+
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown or not self.metrics:
+            raise ConfigError(f"eval.metrics={','.join(self.metrics)!r}: choose from {', '.join(METRICS)}")
+        for key in ("batch", "teacher_steps", "num_samples", "val_samples", "grid_size"):
+            if getattr(self, key) < (2 if key in ("num_samples", "val_samples") else 1):
+                raise ConfigError(f"eval.{key}={getattr(self, key)} is too small; it must be at least 1 (samples: 2)")
         if self.select != "final" and self.kind == "none":
             raise ConfigError(
                 f"eval.select={self.select} needs an evaluation with validation FIDs "

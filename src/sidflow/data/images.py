@@ -12,14 +12,17 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from sidflow.data.prompt_files import pick_column
 from sidflow.errors import DataError
 
-__all__ = ["IMAGE_SUFFIXES", "list_images", "load_image", "iter_images", "source_files"]
+IMAGE_COLUMNS = ("image", "img", "jpg", "png")  # tried in this order when no column is named
+__all__ = ["IMAGE_COLUMNS", "IMAGE_SUFFIXES", "list_images", "load_image", "iter_images", "source_files"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -29,12 +32,17 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def load_image(source: str | Path | bytes, resolution: int) -> Tensor:
-    """One image ``[3, R, R]`` in ``[-1, 1]``: RGB, shorter side to ``resolution`` (bicubic), centre crop."""
+def load_image(source: Any, resolution: int, channels: int = 3) -> Tensor:
+    """One image ``[channels, R, R]`` in ``[-1, 1]`` from a path, bytes, a file object or a PIL image:
+    RGB (or grey for ``channels=1``), shorter side to ``resolution`` (bicubic), centre crop."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as file:
-        rgb = file.convert("RGB")
+    mode = "L" if channels == 1 else "RGB"
+    if isinstance(source, Image.Image):
+        rgb = source.convert(mode)
+    else:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as file:
+            rgb = file.convert(mode)
     w, h = rgb.size
     scale = resolution / min(w, h)
     new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
@@ -42,25 +50,26 @@ def load_image(source: str | Path | bytes, resolution: int) -> Tensor:
     left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
     rgb = rgb.crop((left, top, left + resolution, top + resolution))
     pixels = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy())
+    pixels = pixels.unsqueeze(-1) if pixels.ndim == 2 else pixels
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
 
 
 def _parquet_images(path: Path, column: str | None) -> Iterator[tuple[str, bytes | str]]:
+    """The image column of a parquet file, one record batch in memory at a time."""
     try:
         import pyarrow.parquet as pq
     except ImportError as err:
         raise DataError(f"reading {path} needs pyarrow: pip install 'sidflow[data]'") from err
-    schema = pq.read_schema(path)
-    name = column or next((c for c in ("image", "img", "jpg", "png") if c in schema.names), None)
-    if name is None or name not in schema.names:
-        raise DataError(
-            f"{path} has no image column {column or '(image/img/jpg/png)'}; its columns: {', '.join(schema.names)}"
-        )
-    table = pq.read_table(path, columns=[name])
-    for i, value in enumerate(table.column(name).to_pylist()):
-        if isinstance(value, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
-            value = value.get("bytes") or value.get("path")
-        yield f"{path.name}[{i}]", value
+    file = pq.ParquetFile(path)
+    names = file.schema_arrow.names
+    name = pick_column(names, column, path, IMAGE_COLUMNS, "the image column")
+    i = 0
+    for batch in file.iter_batches(batch_size=64, columns=[name]):
+        for value in batch.column(0).to_pylist():
+            if isinstance(value, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
+                value = value.get("bytes") or value.get("path")
+            yield f"{path.name}[{i}]", value
+            i += 1
 
 
 def _items(spec: str | Path, column: str | None) -> Iterator[tuple[str, bytes | str | Path]]:
@@ -86,26 +95,31 @@ def iter_images(
     limit: int | None = None,
     column: str | None = None,
     skipped: list[int] | None = None,
+    share: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[list[int], Tensor]]:
-    """Batches ``(indices, images [b, 3, R, R])`` of a folder or parquet file, in order, without ever
-    holding more than one batch of pixels; ``indices`` count readable images. Unreadable images are
-    skipped and counted in ``skipped[0]`` (when given)."""
-    names_seen, chunk, index = 0, [], []
-    for _name, source in _items(spec, column):
-        if limit is not None and names_seen >= limit:
+    """Batches ``(indices, images [b, 3, R, R])`` of a folder or parquet file without ever holding
+    more than one batch of pixels. The items (files, or rows) are cut into chunks of ``batch``; rank
+    ``r`` of ``w`` (``share``) decodes only chunks ``c`` with ``c % w == r``; ``indices`` are item
+    positions (global, so rows gathered from all ranks keep the source's order). Unreadable images
+    are skipped and counted in ``skipped[0]`` (when given); a source with none readable is an error."""
+    rank, world = share
+    chunk, index, readable = [], [], 0
+    for position, (_name, source) in enumerate(_items(spec, column)):
+        if limit is not None and position >= limit:
             break
+        if (position // batch) % world != rank:
+            continue
         try:
             chunk.append(load_image(source if isinstance(source, bytes) else Path(source), resolution))
+            index.append(position)
+            readable += 1
         except (OSError, ValueError, SyntaxError):  # PIL's errors for unreadable and corrupt files
             if skipped is not None:
                 skipped[0] += 1
-            continue
-        index.append(names_seen)
-        names_seen += 1
-        if len(chunk) == batch:
+        if (position + 1) % batch == 0 and chunk:
             yield index, torch.stack(chunk)
             chunk, index = [], []
     if chunk:
         yield index, torch.stack(chunk)
-    if names_seen == 0:
+    if readable == 0 and world == 1:
         raise DataError(f"no readable images in {spec}; give a folder or a parquet file of images")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from sidflow.errors import DataError
 
-__all__ = ["read_prompts", "read_prompt_file", "DEFAULT_COLUMNS", "SPLIT_SEPARATOR"]
+__all__ = ["read_prompts", "read_prompt_file", "pick_column", "DEFAULT_COLUMNS", "SPLIT_SEPARATOR"]
 
 DEFAULT_COLUMNS = ("text", "prompt", "caption")  # tried in this order when no column is named
 SPLIT_SEPARATOR = "::"  # "folder::split" picks a split of a saved DatasetDict
@@ -83,16 +83,22 @@ def read_prompt_file(path: str | Path) -> list[str]:
     return prompts
 
 
-def _pick_column(columns: Sequence[str], column: str | None, path: Path) -> str:
-    """``column`` if the table has it, else the first default column it has (one-line error otherwise)."""
-    wanted = [column] if column is not None else list(DEFAULT_COLUMNS)
+def pick_column(
+    columns: Sequence[str],
+    column: str | None,
+    path: Path,
+    defaults: Sequence[str] = DEFAULT_COLUMNS,
+    setting: str = "prompt_column (data.prompt_column, eval.prompt_column)",
+) -> str:
+    """``column`` if the table has it, else the first of ``defaults`` it has (one-line error naming
+    ``setting`` otherwise)."""
+    wanted = [column] if column is not None else list(defaults)
     for name in wanted:
         if name in columns:
             return name
-    what = f"column {column!r}" if column is not None else "column " + " / ".join(map(repr, DEFAULT_COLUMNS))
+    what = f"column {column!r}" if column is not None else "column " + " / ".join(map(repr, defaults))
     raise DataError(
-        f"{path} has no {what} (it has: {', '.join(map(str, columns)) or 'none'}); "
-        "set prompt_column (data.prompt_column, eval.prompt_column) to the one holding the prompts"
+        f"{path} has no {what} (it has: {', '.join(map(str, columns)) or 'none'}); set {setting} to the one to read"
     )
 
 
@@ -124,7 +130,7 @@ def _read_jsonl(path: Path, column: str | None) -> list[object]:
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{number} is a {type(record).__name__}, not an object; write one per line")
             if name is None:
-                name = _pick_column(list(record), column, path)  # the first record decides the column
+                name = pick_column(list(record), column, path)  # the first record decides the column
             if name not in record:
                 raise DataError(f"{path}:{number} has no {name!r} key (it has: {', '.join(record)}); fix that line")
             values.append(record[name])
@@ -138,7 +144,7 @@ def _read_csv(path: Path, column: str | None) -> list[object]:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None:
             raise DataError(f"{path} is empty; write a header row naming the prompt column, then one row per prompt")
-        name = _pick_column(reader.fieldnames, column, path)
+        name = pick_column(reader.fieldnames, column, path)
         return [row[name] for row in reader]
 
 
@@ -151,7 +157,7 @@ def _read_parquet(path: Path, column: str | None) -> list[object]:
         names = pq.ParquetFile(path).schema_arrow.names
     except Exception as err:  # pyarrow raises ArrowInvalid and OSError subclasses for a bad file
         raise DataError(f"{path} is not a readable parquet file ({err}); rewrite it") from None
-    name = _pick_column(names, column, path)
+    name = pick_column(names, column, path)
     return pq.read_table(path, columns=[name]).column(name).to_pylist()  # only that column is read
 
 
@@ -172,5 +178,5 @@ def _read_dataset(path: Path, split: str | None, column: str | None) -> list[obj
         loaded = loaded[chosen]
     elif split:
         raise DataError(f"{path} is a single dataset without splits; drop '{SPLIT_SEPARATOR}{split}'")
-    name = _pick_column(loaded.column_names, column, path)
+    name = pick_column(loaded.column_names, column, path)
     return loaded.with_format("arrow")[name].to_pylist()  # one Arrow column, no per-row Python dicts

@@ -192,6 +192,7 @@ class PromptSource:
         barrier()
         if world > 1:
             disk.reload()  # the other ranks' shards
+            self.meta = dict(disk.meta) or self.meta  # (a rank that encoded nothing learns it here)
 
     def sample(self, *, seed: int, iteration: int, stream: str, indices: Sequence[int]) -> Cond:
         """Keyed prompt choice for each global sample index, encoded (batch ``len(indices)``)."""

@@ -29,6 +29,7 @@ from sidflow.digits import BUNDLED_TEACHER
 from sidflow.run.presets import register_preset
 from sidflow.run.registry import (
     register_evaluation,
+    register_image_set,
     register_prompt_set,
     register_teacher_alias,
     resolve_teacher_path,
@@ -111,12 +112,46 @@ def digit_prompts() -> list[str]:
     return [prompt_for(c, p) for c in range(10) for p in range(len(PHRASINGS))]
 
 
-def _evaluation(config: SiDConfig, teacher: Any, latent_shape: tuple[int, ...], device: torch.device):
+def _evaluation(config: SiDConfig, teacher: Any, latent_shape: tuple[int, ...], device: torch.device, **_: Any):
     from sidflow.digits.evaluation import DigitsEvaluation  # lazy: diffusers
 
     # the teacher's own baseline figures, next to its folder (sidflow teacher train --out DIR)
     baseline = Path(resolve_teacher_path(config.teacher.path)).parent / "teacher_baseline.json"
     return DigitsEvaluation(config, teacher, latent_shape, device, baseline=baseline)
+
+
+TRAIN_IMAGES = "digits-train"  # data.real=builtin:digits-train, SiDA's real images
+
+
+def training_digits_folder() -> Path:
+    """The 4,000 training digits as an image folder with captions (``images/*.png`` 32x32 grey and
+    ``metadata.jsonl``: file name and one of the class's five prompts, in turn), written once under
+    ``$SIDFLOW_CACHE`` (default ``~/.cache/sidflow``): SiDA reads them through the same path as any
+    folder of real images. The 1,000 held-out digits are never written."""
+    import json
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from sidflow.atomic import atomic_dir
+    from sidflow.digits.data import load_digits
+    from sidflow.digits.text import PHRASINGS, prompt_for
+
+    root = Path(os.environ.get("SIDFLOW_CACHE", Path.home() / ".cache" / "sidflow")) / f"{TRAIN_IMAGES}-v1"
+    if (root / "metadata.jsonl").is_file():
+        return root
+    digits = load_digits("train")
+    with atomic_dir(root) as tmp:
+        (tmp / "images").mkdir()
+        rows = []
+        for i, (image, label) in enumerate(zip(digits.images, digits.labels.tolist(), strict=True)):
+            pixels = ((image[0].numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+            name = f"images/{i:04d}.png"
+            Image.fromarray(pixels, mode="L").save(tmp / name)
+            rows.append({"file_name": name, "caption": prompt_for(label, i % len(PHRASINGS)), "label": label})
+        (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
 
 
 def register() -> None:
@@ -126,3 +161,4 @@ def register() -> None:
     register_evaluation("digits", _evaluation, replace=True)
     register_teacher_alias(BUNDLED, BUNDLED_TEACHER, replace=True)
     register_prompt_set("digits", digit_prompts, replace=True)
+    register_image_set(TRAIN_IMAGES, training_digits_folder, replace=True)

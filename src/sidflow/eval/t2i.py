@@ -19,13 +19,19 @@ noise seed, latent shape) or the real image files.
 
 Rank sharding: samples are dealt to ranks in chunks of ``eval.batch`` (chunk ``c`` to rank
 ``c % world``), so every chunk is computed exactly as one process would; per-image rows are gathered
-(:func:`sidflow.collectives.gather_rows`) and every rank computes the same figures. Within a
-training run only rank 0 evaluates (``world_size=1``); ``sidflow eval`` under ``torchrun`` shards.
+(:func:`sidflow.collectives.gather_rows`) and every rank computes the same figures, in a training
+run (every rank evaluates; under FSDP2 each with a gathered copy of the generator) as in
+``sidflow eval`` under ``torchrun``. ``sec_per_image_{k}step`` is the job's wall time for the
+reported set divided by its size (all ranks together, prompt encoding and scoring included).
+
+The metric models (DINOv2, CLIP, PickScore: about 7 GB in fp32) wait in host memory and visit the
+device only while scoring.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,14 +40,15 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from sidflow.collectives import broadcast_object, gather_rows
-from sidflow.config import SiDConfig
+from sidflow.collectives import any_rank, gather_rows, sum_over_ranks
+from sidflow.config import SiDConfig, to_dict
 from sidflow.core import rng
 from sidflow.core.denoiser import Denoiser
 from sidflow.core.generator import generate, generator_step_times
 from sidflow.core.guidance import with_embedded_guidance
 from sidflow.data.images import iter_images, source_files
-from sidflow.errors import ConfigError
+from sidflow.data.prompts import PromptSource
+from sidflow.errors import ConfigError, DataError
 from sidflow.metrics.cache import load_cached, source_identity, store_cached
 from sidflow.metrics.frechet import FeatureStats
 from sidflow.metrics.suite import DISTANCES, ImageMetrics, MetricModels
@@ -55,8 +62,6 @@ Rows = dict[str, Tensor]
 
 def default_feature_cache() -> Path:
     """``$SIDFLOW_CACHE/features`` (default ``~/.cache/sidflow/features``)."""
-    import os
-
     return Path(os.environ.get("SIDFLOW_CACHE", Path.home() / ".cache" / "sidflow")) / "features"
 
 
@@ -77,6 +82,10 @@ class T2IEvaluation:
         rank, world_size: this process's share of the samples (1 process: 0, 1).
         step_times: the generator's K step times (default: from ``config.generator``; an exported
             pipeline's ``sigmas``).
+        prompt_source: encodes the evaluation prompts through the run's embedding caches (the
+            run fills them before its text encoders leave the GPU); default: the teacher's encoders.
+        teacher_precision: how the teacher network that samples the reference computes (keys its
+            cache entries: a bf16 run's reference is not an fp32 one's).
     """
 
     def __init__(
@@ -92,6 +101,8 @@ class T2IEvaluation:
         rank: int = 0,
         world_size: int = 1,
         step_times: Sequence[float] | None = None,
+        prompt_source: PromptSource | None = None,
+        teacher_precision: str = "teacher weights",
     ) -> None:
         ec = config.eval
         self.config, self.teacher, self.device = config, teacher, torch.device(device)
@@ -109,12 +120,17 @@ class T2IEvaluation:
             raise ConfigError(
                 f"eval.select={ec.select} needs eval.val_prompts (validation prompts); or eval.select=final"
             )
+        # the metric models wait in host memory and visit the device only while scoring
         self.metrics = metrics or ImageMetrics(
             ec.metrics,
             MetricModels(ec.dino_model, ec.clip_model, ec.pickscore_model, ec.pickscore_tokenizer),
-            self.device,
+            "cpu",
             batch=ec.batch,
         )
+        if self.metrics.skipped and rank == 0:
+            print("note: " + "; ".join(f"skipping {name}: {why}" for name, why in self.metrics.skipped.items()))
+        self.encode = prompt_source.encode if prompt_source is not None else teacher.encode_prompts
+        self._teacher_precision = teacher_precision
         self.selection_metric = next((m for m in self.metrics.names if m in DISTANCES), None)
         if ec.select != "final" and self.selection_metric is None:
             raise ConfigError(f"eval.select={ec.select} needs a distance in eval.metrics (fd_dinov2 or fid)")
@@ -155,9 +171,7 @@ class T2IEvaluation:
     def student_images(self, generator: Denoiser, prompts: list[str], idx: list[int], steps: int, seed: int) -> Tensor:
         """Decoded images ``[b, 3, H, W]`` (CPU, float32) of samples ``idx`` after ``steps`` generator steps."""
         gc = self.config.generator
-        cond = with_embedded_guidance(
-            self.teacher.encode_prompts([prompts[i] for i in idx]), self.config.guidance.embedded_generator
-        )
+        cond = with_embedded_guidance(self.encode([prompts[i] for i in idx]), self.config.guidance.embedded_generator)
         latents = generate(
             generator,
             cond,
@@ -196,14 +210,15 @@ class T2IEvaluation:
             return {"kind": "images", "files": source_identity(files), "resolution": self.config.data.resolution}
         return {
             "kind": "teacher",
-            "teacher": self.config.teacher.path,
+            "teacher": to_dict(self.config)["teacher"],  # path, dtype, time scale, text length
+            "text": self.teacher.encoder_settings() if hasattr(self.teacher, "encoder_settings") else {},
+            "network": self._teacher_precision,
             "steps": ec.teacher_steps,
             "guidance": self.guidance,
             "prompts": _digest(prompts),
             "n": len(prompts),
             "seed": seed,
             "latent_shape": list(self.latent_shape),
-            "dtype": self.config.teacher.dtype,
         }
 
     def _splits(self) -> list[str]:
@@ -214,8 +229,8 @@ class T2IEvaluation:
         teacher with ``teacher_net()`` (called once, and only when a teacher reference is missing:
         under FSDP2 it gathers a copy of the teacher, a collective, dropped here when done)."""
         missing = any(self._missing(split) for split in self._splits())
-        if self.world_size > 1:
-            missing = broadcast_object(missing)
+        if self.world_size > 1:  # compute when any rank misses one (caches local to a node may differ)
+            missing = any_rank(missing)
         if not missing:
             for split in self._splits():
                 self.reference(split)
@@ -232,10 +247,7 @@ class T2IEvaluation:
         names = list(self.metrics.extractors) + (
             [n for n in ("clip", "pickscore") if n in self.metrics.names] if source["kind"] == "teacher" else []
         )
-        return {
-            name: {**(self.metrics.describe(name) if name in self.metrics.extractors else {"row": name}), **source}
-            for name in names
-        }
+        return {name: {**self.metrics.describe(name), **source} for name in names}
 
     def _missing(self, split: str) -> bool:
         """Whether this rank's cache lacks a reference entry of ``split``."""
@@ -246,13 +258,16 @@ class T2IEvaluation:
         "validation"): from the cache, else computed (all ranks share the work) and cached by rank 0."""
         if split in self._references:
             return self._references[split]
+        with self.metrics.on(self.device):
+            return self._reference(split)
+
+    def _reference(self, split: str) -> tuple[dict[str, FeatureStats], dict[str, float]]:
         source = self._source(split)
         descriptions = self._descriptions(split)
         hits = {name: load_cached(self.cache_dir, d) for name, d in descriptions.items()}
-        # one decision for all ranks (rank 0's view of the cache)
-        compute = broadcast_object(any(h is None for h in hits.values())) if self.world_size > 1 else None
-        if compute is None:
-            compute = any(h is None for h in hits.values())
+        compute = any(h is None for h in hits.values())
+        if self.world_size > 1:  # one decision for all ranks: compute (together) when any rank misses one
+            compute = any_rank(compute)
         if compute:
             rows = self._reference_rows(split, source)
             fits = {
@@ -273,22 +288,27 @@ class T2IEvaluation:
             prompts, seed = (self.prompts, EVAL_SEED) if split == "reported" else (self.val_prompts, EVAL_SEED + 1)
             return self._rows_of(prompts, lambda idx: self.teacher_images(prompts, idx, seed), with_text=True)
         skipped = [0]
-        parts = [
-            (idx, self.metrics.rows(images))
-            for c, (idx, images) in enumerate(
-                iter_images(ec.reference, self.config.data.resolution, batch=ec.batch, skipped=skipped)
-            )
-            if c % self.world_size == self.rank
-        ]
-        if skipped[0] and self.rank == 0:
-            print(f"note: {skipped[0]} unreadable reference images in {ec.reference} were skipped")
-        return self._gather(parts)
+        share = (self.rank, self.world_size)
+        images = iter_images(ec.reference, self.config.data.resolution, batch=ec.batch, skipped=skipped, share=share)
+        rows = self._gather([(idx, self.metrics.rows(batch)) for idx, batch in images])
+        bad = int(sum_over_ranks(torch.tensor(skipped[0])).item()) if self.world_size > 1 else skipped[0]
+        if self.rank == 0 and bad:
+            print(f"note: {bad} unreadable reference images in {ec.reference} were skipped")
+        if not rows or len(next(iter(rows.values()))) < 2:
+            raise DataError(f"eval.reference={ec.reference} has fewer than 2 readable images; give a larger set")
+        return rows
 
     # -- the Evaluation protocol -----------------------------------------------------------------
     def score_student(
         self, generator: Denoiser, images_seen: int, *, steps: Sequence[int] | None = None
     ) -> dict[str, Any]:
         """Figures of ``generator`` at each of ``steps`` (default ``eval.student_steps``)."""
+        for split in self._splits():
+            self.reference(split)
+        with self.metrics.on(self.device):
+            return self._score(generator, images_seen, steps)
+
+    def _score(self, generator: Denoiser, images_seen: int, steps: Sequence[int] | None) -> dict[str, Any]:
         was_training = cast(Any, generator).training
         cast(Any, generator).eval()
         row: dict[str, Any] = {"images_seen": images_seen}

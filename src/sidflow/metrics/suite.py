@@ -15,7 +15,8 @@ figures against a reference's Gaussian fits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +79,7 @@ class ImageMetrics:
         if "fid" in names:
             try:
                 self.inception = InceptionFeatures(device, batch=batch)
-            except ImportError:
-                print(f"note: skipping fid: {FID_EXTRA}")
+            except ImportError:  # named in `skipped`; the caller says so once
                 self.skipped["fid"] = FID_EXTRA
         self.clip = ClipEmbedder(models.clip, device, batch=batch) if "clip" in names else None
         self.pickscore = (
@@ -99,11 +99,35 @@ class ImageMetrics:
             out["inception"] = self.inception
         return out
 
+    def _models(self) -> list[Any]:
+        return [m for m in (self.dino, self.inception, self.clip, self.pickscore) if m is not None]
+
+    @contextmanager
+    def on(self, device: torch.device | str) -> Iterator[ImageMetrics]:
+        """The models on ``device`` inside the block, back in host memory after it (they cost about
+        7 GB of a GPU in fp32, so they visit it only while scoring)."""
+        device = torch.device(device)
+        homes = [m.device for m in self._models()]
+        for m in self._models():
+            m.model.to(device)
+            m.device = device
+        try:
+            yield self
+        finally:
+            for m, home in zip(self._models(), homes, strict=True):
+                m.model.to(home)
+                m.device = home
+
     def describe(self, row: str) -> dict[str, Any]:
-        """What produces feature row ``row`` (keys a reference-feature cache entry)."""
-        extractor = self.extractors[row]
-        pre = extractor.describe() if isinstance(extractor, InceptionFeatures) else extractor.preprocess.describe()
-        return {"extractor": extractor.name, "row": row, "preprocess": pre}
+        """What produces row ``row`` (keys a reference cache entry): the model and its preprocessing."""
+        if row in self.extractors:
+            extractor = self.extractors[row]
+            if isinstance(extractor, InceptionFeatures):
+                return {"extractor": extractor.name, "row": row, "preprocess": extractor.describe()}
+            return {"extractor": extractor.name, "row": row, "preprocess": extractor.preprocess.describe()}
+        scorer = {"clip": self.clip, "pickscore": self.pickscore}[row]
+        assert scorer is not None
+        return {"extractor": scorer.name, "row": row, "preprocess": scorer.preprocess.describe()}
 
     def rows(self, images: Tensor, prompts: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Per-image rows of ``images`` ``[n, 3, H, W]`` in ``[-1, 1]``: features for the distances,

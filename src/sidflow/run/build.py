@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -23,9 +23,9 @@ from sidflow.collectives import broadcast_module_
 from sidflow.config import SiDConfig
 from sidflow.data.prompts import PromptSource
 from sidflow.optim import resolve_precision
-from sidflow.run.checkpoint import resume_trainer
+from sidflow.run.checkpoint import init_trainer, resume_trainer
 from sidflow.run.distributed import DistContext, fsdp_mesh
-from sidflow.run.registry import evaluates_on_all_ranks, resolve_prompts, resolve_teacher_path
+from sidflow.run.registry import evaluates_on_all_ranks, resolve_image_source, resolve_prompts, resolve_teacher_path
 from sidflow.run.sharded import build_sharded_networks, gathered_generator
 from sidflow.teachers.lora import LoraSpec, copy_sharing_base, lora_spec
 from sidflow.trainer import SiDTrainer, generator_state_dict
@@ -50,6 +50,7 @@ class RunState:
     sharded: bool
     lora: LoraSpec | None = None
     eval_all_ranks: bool = False
+    eval_prompts: PromptSource | None = None  # eval.kind=t2i: its prompts' cached embeddings
 
     @property
     def evaluates(self) -> bool:
@@ -94,8 +95,44 @@ def _prompt_source(config: SiDConfig, teacher: Any, ctx: DistContext) -> PromptS
         cache_size=config.data.cache_size,
         cache_dir=config.data.cache_dir,
     )
-    # Text encoders leave the compute device only when every prompt is cached (sidflow.data.prompts).
-    source.precompute(offload=ctx.device.type == "cuda", share=(ctx.rank, ctx.world_size))
+    source.precompute(share=(ctx.rank, ctx.world_size))
+    return source
+
+
+def _sources(config: SiDConfig, teacher: Any, ctx: DistContext) -> tuple[PromptSource, Any]:
+    """``(the generator's prompt source, SiDA's real source or None)``. In SiDA mode both come from
+    ``data.real`` (spec 7, 8): its images' latents encoded once and cached, and its captions as the
+    generator's prompts (``data.prompts`` is not read)."""
+    if config.gan.mode != "sida":
+        return _prompt_source(config, teacher, ctx), None
+    from sidflow.data.real_images import RealImageSource, read_image_table
+
+    dc = config.data
+    table = read_image_table(
+        resolve_image_source(dc.real), image_column=dc.real_image_column, caption_column=dc.real_caption_column
+    )
+    real = RealImageSource(table, teacher, resolution=dc.resolution, cache_dir=dc.cache_dir, cache_size=dc.cache_size)
+    skipped = real.precompute(share=(ctx.rank, ctx.world_size))
+    if ctx.is_main:
+        note = f"; {skipped} unreadable images skipped" if skipped else ""
+        print(f"data.real: {len(real)} images with captions from {table.where}{note}; their captions are the prompts")
+    prompts = cast(PromptSource, real.prompts)
+    prompts.precompute(share=(ctx.rank, ctx.world_size))
+    return prompts, real
+
+
+def _eval_prompt_source(config: SiDConfig, teacher: Any, ctx: DistContext) -> PromptSource | None:
+    """``eval.kind=t2i``: its reported and validation prompts through the run's embedding caches,
+    encoded now, while the text encoders are still on the compute device."""
+    ec = config.eval
+    if ec.kind != "t2i" or not ec.prompts:
+        return None
+    prompts = resolve_prompts(ec.prompts, ec.prompt_column)[: ec.num_samples]
+    if ec.val_prompts:
+        prompts += resolve_prompts(ec.val_prompts, ec.prompt_column)[: ec.val_samples]
+    dc = config.data
+    source = PromptSource(prompts, teacher, cache_size=min(len(prompts), dc.cache_size), cache_dir=dc.cache_dir)
+    source.precompute(share=(ctx.rank, ctx.world_size))
     return source
 
 
@@ -106,7 +143,11 @@ def build_run(config: SiDConfig, run_dir: Path, ctx: DistContext) -> RunState:
     # shard first: rank 0 reads the transformer's weights into host memory, the others build it on meta
     teacher = load_run_teacher(config, ctx.device, ("cpu" if ctx.is_main else "meta") if sharded else None)
     latent_shape = teacher.latent_shape(config.data.resolution)
-    source = _prompt_source(config, teacher, ctx)
+    source, real = _sources(config, teacher, ctx)
+    eval_prompts = _eval_prompt_source(config, teacher, ctx)
+    # the text encoders leave the GPU only when every prompt (training and evaluation) is cached
+    if ctx.device.type == "cuda" and all(s.fully_cached() for s in (source, eval_prompts) if s is not None):
+        teacher.move_text_encoders("cpu")
     precision = resolve_precision(config.train.precision, ctx.device)
     if precision == "amp_bf16" and ctx.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use TF32 (spec 6.3)
@@ -137,11 +178,25 @@ def build_run(config: SiDConfig, run_dir: Path, ctx: DistContext) -> RunState:
             broadcast_module_(net)
         if config.train.ema_halflife_kimg > 0 and (ctx.is_main or eval_all_ranks):
             scratch = copy_sharing_base(networks[2]).requires_grad_(False)  # LoRA: the base is shared
-    trainer = SiDTrainer(*networks, source, latent_shape, config, ctx.device, rank=ctx.rank, world_size=ctx.world_size)
+    trainer = SiDTrainer(
+        *networks, source, latent_shape, config, ctx.device, rank=ctx.rank, world_size=ctx.world_size, real_source=real
+    )
     ckpt = resume_trainer(trainer, run_dir, rank=ctx.rank, sharded=sharded)
     if ckpt is not None and ctx.is_main:
         print(f"resumed from {ckpt} (iteration {trainer.iteration})")
-    return RunState(teacher, latent_shape, trainer, scratch, sharded, lora, eval_all_ranks)
+    elif ckpt is None and config.train.init_from:
+        tc = config.train
+        start = init_trainer(
+            trainer,
+            Path(tc.init_from),
+            rank=ctx.rank,
+            sharded=sharded,
+            generator=tc.init_generator,
+            optimizers=tc.init_optimizers == "on",
+        )
+        if ctx.is_main:
+            print(f"train.init_from: fake score and generator ({tc.init_generator}) from {start}")
+    return RunState(teacher, latent_shape, trainer, scratch, sharded, lora, eval_all_ranks, eval_prompts)
 
 
 def eval_generator(run: RunState) -> nn.Module | None:

@@ -249,6 +249,43 @@ def resume_trainer(trainer: Any, run_dir: Path, *, rank: int, sharded: bool) -> 
     shared by all nodes). A ``torch.distributed.checkpoint`` checkpoint is read shard by shard and
     re-sharded for this job, whatever the world size that wrote it; the older single-file format is
     read in full on the CPU. None: nothing to resume."""
+    ckpt = _newest(run_dir, rank)
+    if ckpt is None:
+        return None
+    scalars = _load_trainer(trainer, ckpt, rank=rank, sharded=sharded)
+    trainer.iteration, trainer.images_seen = int(scalars["iteration"]), int(scalars["images_seen"])
+    trainer.nonfinite_total = dict(scalars["nonfinite_total"])
+    return ckpt
+
+
+def init_trainer(
+    trainer: Any, source_run: Path, *, rank: int, sharded: bool, generator: str = "ema", optimizers: bool = False
+) -> Path:
+    """Start a fresh run from another run's newest checkpoint (``train.init_from``; the reference's
+    SiDA stage starts from a SiD run): fake score, generator and EMA, the generator from its EMA
+    weights when ``generator="ema"`` (and the run kept one), the optimiser states only with
+    ``optimizers``; the counters start at 0. Collective like :func:`resume_trainer`."""
+    ckpt = _newest(source_run, rank)
+    if ckpt is None:
+        raise CheckpointError(f"train.init_from={source_run} has no checkpoint; give the folder of a finished run")
+    _load_trainer(trainer, ckpt, rank=rank, sharded=sharded, ema=_has_ema(ckpt))
+    net = trainer.generator
+    with torch.no_grad():
+        state = net.state_dict()
+        if trainer.ema is not None and generator == "ema" and _has_ema(ckpt):
+            for name, value in trainer.ema.items():
+                state[name].copy_(value)
+        elif trainer.ema is not None and not _has_ema(ckpt):  # no EMA there: it starts from the generator
+            for name, value in trainer.ema.items():
+                value.copy_(state[name])
+    if not optimizers:
+        for opt in (trainer.opt_fake, trainer.opt_gen):
+            opt.state.clear()
+    trainer.iteration, trainer.images_seen, trainer.nonfinite_total = 0, 0, {}
+    return ckpt
+
+
+def _newest(run_dir: Path, rank: int) -> Path | None:
     ckpt = broadcast_object(latest_checkpoint(run_dir) if rank == 0 else None)
     if ckpt is None:
         return None
@@ -257,15 +294,29 @@ def resume_trainer(trainer: Any, run_dir: Path, *, rank: int, sharded: bool) -> 
         raise CheckpointError(
             f"rank {rank} cannot read {ckpt}; put the run folder on a file system shared by every node"
         )
+    return ckpt
+
+
+def _has_ema(ckpt: Path) -> bool:
+    if not (ckpt / DCP_METADATA).is_file():
+        return any(k.startswith("ema/") for k in checkpoint_keys(ckpt))
+    return _read_meta(ckpt).get("generator") == "ema"
+
+
+def _load_trainer(trainer: Any, ckpt: Path, *, rank: int, sharded: bool, ema: bool = True) -> dict[str, Any]:
+    """Load ``ckpt``'s networks, optimiser states (and EMA unless ``ema=False``) into ``trainer``;
+    returns its scalars (counters)."""
     if not (ckpt / DCP_METADATA).is_file():
         state, _ = load_checkpoint(ckpt, device="cpu" if sharded else trainer.device)
         trainer.load_state_dict(shard_state_like(state, trainer) if sharded else state)
-        return ckpt
+        return state["scalars"]
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     meta = _read_meta(ckpt)
     state = _dcp_state(trainer)
+    if not ema:
+        state.pop("ema", None)
     try:
         dcp.load(state, checkpoint_id=str(ckpt), no_dist=not is_distributed())
     except Exception as err:  # missing shards, other networks: one line
@@ -277,10 +328,7 @@ def resume_trainer(trainer: Any, run_dir: Path, *, rank: int, sharded: bool) -> 
     set_state_dict(
         trainer.generator, trainer.opt_gen, model_state_dict=state["generator"], optim_state_dict=state["optim_gen"]
     )
-    scalars = meta["scalars"]
-    trainer.iteration, trainer.images_seen = int(scalars["iteration"]), int(scalars["images_seen"])
-    trainer.nonfinite_total = dict(scalars["nonfinite_total"])
-    return ckpt
+    return meta["scalars"]
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

@@ -75,7 +75,18 @@ def _train(
     config: SiDConfig, run_dir: Path, ctx: DistContext, run: RunState, progress: bool, start: float
 ) -> dict[str, Any]:
     main, trainer, tc = ctx.is_main, run.trainer, config.train
-    evaluation = make_evaluation(config, run.teacher, run.latent_shape, ctx.device) if run.evaluates else None
+    evaluation = (
+        make_evaluation(
+            config,
+            run.teacher,
+            run.latent_shape,
+            ctx.device,
+            prompt_source=run.eval_prompts,
+            teacher_precision=trainer.precision,
+        )
+        if run.evaluates
+        else None
+    )
     if evaluation is not None and run.eval_all_ranks and hasattr(evaluation, "prepare_references"):
         # the teacher's reference samples, unless cached (collective: every rank evaluates here)
         cast(Any, evaluation).prepare_references(lambda: eval_teacher(run))

@@ -40,6 +40,8 @@ __all__ = [
     "register_teacher_alias",
     "resolve_teacher_path",
     "register_prompt_set",
+    "register_image_set",
+    "resolve_image_source",
     "resolve_prompts",
     "BUILTIN_PREFIX",
 ]
@@ -47,16 +49,26 @@ __all__ = [
 PLUGIN_GROUP = "sidflow.plugins"
 BUILTIN_PREFIX = "builtin:"
 Runner = Callable[[SiDConfig, Path], dict[str, Any]]
-EvaluationFactory = Callable[[SiDConfig, Any, tuple[int, ...], "torch.device"], "Evaluation"]
+# (config, teacher, latent_shape, device, **context) -> Evaluation; context: what the run offers
+# (``prompt_source``: the evaluation prompts' cached embeddings, ``teacher_precision``), to take or ignore
+EvaluationFactory = Callable[..., "Evaluation"]
 
 _RUNNERS: dict[str, Runner] = {}
 _EVALUATIONS: dict[str, EvaluationFactory] = {}
 _TEACHERS: dict[str, Path] = {}
 _PROMPT_SETS: dict[str, Callable[[], list[str]]] = {}
+_IMAGE_SETS: dict[str, Callable[[], Path]] = {}
 _loaded = False
 
 
-def _t2i(config: SiDConfig, teacher: Any, latent_shape: tuple[int, ...], device: torch.device) -> Evaluation:
+def _t2i(
+    config: SiDConfig,
+    teacher: Any,
+    latent_shape: tuple[int, ...],
+    device: torch.device,
+    prompt_source: Any = None,
+    teacher_precision: str = "teacher weights",
+) -> Evaluation:
     """``eval.kind=t2i`` (built in): :class:`sidflow.eval.t2i.T2IEvaluation` on the run's prompt sets."""
     import torch.distributed as dist
 
@@ -75,6 +87,8 @@ def _t2i(config: SiDConfig, teacher: Any, latent_shape: tuple[int, ...], device:
         val_prompts=resolve_prompts(ec.val_prompts, ec.prompt_column) if ec.val_prompts else [],
         rank=dist.get_rank() if shared else 0,
         world_size=dist.get_world_size() if shared else 1,
+        prompt_source=prompt_source,
+        teacher_precision=teacher_precision,
     )
 
 
@@ -110,6 +124,11 @@ def validate(config: SiDConfig) -> None:
     """Fail fast, before anything is loaded, on a ``teacher.kind`` or ``eval.kind`` nobody registered."""
     if config.teacher.kind != "pipeline":
         get_runner(config.teacher.kind)
+    elif config.gan.mode == "sida" and not config.data.real:
+        raise ConfigError(
+            "gan.mode=sida needs real images with captions: set data.real (a folder with a captions file, "
+            "a parquet file, a datasets folder or builtin:NAME); or gan.mode=off"
+        )
     if config.eval.kind != "none":
         _get(_EVALUATIONS, config.eval.kind, "evaluation", "eval.kind")
 
@@ -143,13 +162,14 @@ def evaluates_on_all_ranks(config: SiDConfig) -> bool:
 
 
 def make_evaluation(
-    config: SiDConfig, teacher: Any, latent_shape: tuple[int, ...], device: torch.device
+    config: SiDConfig, teacher: Any, latent_shape: tuple[int, ...], device: torch.device, **context: Any
 ) -> Evaluation | None:
-    """The evaluation protocol named by ``eval.kind`` (None for ``"none"``)."""
+    """The evaluation protocol named by ``eval.kind`` (None for ``"none"``); ``context`` is passed on
+    to the factory (see :data:`EvaluationFactory`)."""
     if config.eval.kind == "none":
         return None
     factory = _get(_EVALUATIONS, config.eval.kind, "evaluation", "eval.kind")
-    return factory(config, teacher, tuple(latent_shape), device)
+    return factory(config, teacher, tuple(latent_shape), device, **context)
 
 
 def register_teacher_alias(name: str, folder: Path, *, replace: bool = False) -> None:
@@ -166,6 +186,19 @@ def resolve_teacher_path(path: str) -> str:
         )
     load_plugins()
     return str(_TEACHERS[path]) if path in _TEACHERS else path
+
+
+def register_image_set(name: str, folder: Callable[[], Path], *, replace: bool = False) -> None:
+    """Let ``data.real=builtin:<name>`` stand for an image source (``folder()`` returns it, e.g. a
+    folder with a captions file that a plugin writes on first use)."""
+    _register(_IMAGE_SETS, name, folder, "image set", replace)
+
+
+def resolve_image_source(spec: str) -> str:
+    """``data.real``: ``builtin:NAME`` -> its source; anything else is returned as given."""
+    if spec.startswith(BUILTIN_PREFIX):
+        return str(_get(_IMAGE_SETS, spec.removeprefix(BUILTIN_PREFIX), "image set", "data.real", BUILTIN_PREFIX)())
+    return spec
 
 
 def register_prompt_set(name: str, prompts: Callable[[], list[str]], *, replace: bool = False) -> None:

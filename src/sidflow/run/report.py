@@ -158,7 +158,9 @@ def finish_run(
     snapshot per step count) draws each student row of the grid.
     """
     prompts, noise = _grid_prompts(config, evaluation, tuple(latent_shape))
-    teacher_w = float(result.get("teacher", {}).get("best", {}).get("guidance", 1.0))
+    teacher_ref = result.get("teacher", {})
+    # the guidance of the teacher's figures: its best on the digits protocol, the t2i reference's
+    teacher_w = float(teacher_ref.get("best", teacher_ref.get("t2i", {})).get("guidance", 1.0))
     rows = {
         f"teacher {s} steps (w={teacher_w:g})": teacher.decode_latents(
             teacher.sample(prompts, noise, num_steps=s, guidance_scale=teacher_w)
@@ -172,7 +174,6 @@ def finish_run(
         rows[f"student {_steps(steps)}"] = _student_images(teacher, student, prompts, noise, config, steps)
     save_labelled_grids(rows, run_dir / "samples.png", nrow=len(prompts))
     images = {"Samples (same prompts and initial noise per column)": "samples.png"}
-    teacher_ref = result.get("teacher", {})
     if result.get("history"):
         reference = {}
         if teacher_ref.get("best"):

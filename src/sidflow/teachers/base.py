@@ -336,6 +336,20 @@ class LatentCodec:
         return ((z.float() - self.shift) * self.scaling).float()
 
     @torch.no_grad()
+    def posterior(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Images -> the posterior's mean and standard deviation in latent space (fp32), so that
+        ``mean + std * n`` (``n`` standard normal) is an encoded sample; a deterministic encoder
+        (SANA's DC-AE) has ``std = 0``."""
+        dtype = next(self.vae.parameters()).dtype
+        out = cast(Any, self.vae).encode(images.to(dtype))  # a diffusers VAE method
+        if hasattr(out, "latent_dist"):
+            mean, std = out.latent_dist.mean.float(), out.latent_dist.std.float()
+        else:
+            mean = out.latent.float()
+            std = torch.zeros_like(mean)
+        return (mean - self.shift) * self.scaling, std * self.scaling
+
+    @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """Latents ``[B, C, h, w]`` -> fp32 images in about [-1, 1] (not clamped)."""
         dtype = next(self.vae.parameters()).dtype
@@ -454,6 +468,28 @@ class TeacherBase:
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Latents ``[B, C, h, w]`` -> images ``[B, 3, H, W]`` in about [-1, 1] (fp32)."""
         return self.codec.decode(latents.to(self.device))
+
+    def encode_posterior(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Images ``[B, image_channels, H, W]`` in [-1, 1] -> the VAE posterior's ``(mean, std)`` in
+        latent space (:meth:`LatentCodec.posterior`), for SiDA's cached real latents."""
+        return self.codec.posterior(images.to(self.device))
+
+    @property
+    def image_channels(self) -> int:
+        """Channels the VAE reads (3; 1 for the bundled grey-digits VAE)."""
+        return int(getattr(self.pipe.vae.config, "in_channels", 3))
+
+    def vae_settings(self) -> dict:
+        """What determines an image's latents (keys the on-disk latent cache)."""
+        config = self.pipe.vae.config
+        return {
+            "teacher": self.name,
+            "vae": type(self.pipe.vae).__name__,
+            "dtype": str(next(self.pipe.vae.parameters()).dtype),
+            "scaling_factor": float(config.scaling_factor),
+            "shift_factor": float(getattr(config, "shift_factor", None) or 0.0),
+            "latent_channels": self.latent_channels,
+        }
 
     def make_denoisers(
         self,
