@@ -127,3 +127,35 @@ def test_registries_resolve_the_plugins_names(tmp_path):
         registry.resolve_prompts("builtin:nope")
     with pytest.raises(ConfigError, match="teacher.path is empty"):
         registry.resolve_teacher_path("")
+
+
+def test_teacher_precision_and_hub_settings():
+    config = apply_overrides(
+        SiDConfig(), ["teacher.text_encoder_dtype=bfloat16", "teacher.revision=abc123", "teacher.variant=fp16"]
+    )
+    assert (config.teacher.text_encoder_dtype, config.teacher.revision, config.teacher.variant) == (
+        "bfloat16",
+        "abc123",
+        "fp16",
+    )
+    assert SiDConfig().teacher.text_encoder_dtype == "auto"
+    assert from_json(to_json(config)) == config
+    with pytest.raises(ConfigError, match="choose one of: auto, float32, bfloat16, float16"):
+        apply_overrides(SiDConfig(), ["teacher.text_encoder_dtype=fp8"])
+    with pytest.raises(ConfigError, match="not the token") as err:  # a token pasted into the config
+        apply_overrides(SiDConfig(), ["teacher.token_env=hf_AbCdEf123"])
+    assert "hf_AbCdEf123" not in str(err.value)
+    with pytest.raises(ConfigError, match="max_sequence_length=0"):
+        apply_overrides(SiDConfig(), ["teacher.max_sequence_length=0"])
+
+
+def test_sana_sprint_1_6b_teacher_preset():
+    from sidflow.teachers.configs import shipped_config
+
+    small, large = get_preset("sana-sprint-0.6b-teacher-4step"), get_preset("sana-sprint-1.6b-teacher-4step")
+    assert large.teacher.path == "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_teacher_diffusers"
+    assert large.data.resolution == 1024 and large.optim.lr == small.optim.lr == 5e-6
+    spec = shipped_config(large.teacher.path)
+    assert spec is not None and spec["family"] == "sana_sprint"
+    # the stock SanaPipeline feeds 1000 t x timestep_scale: the Sprint teachers' configs say 0.001
+    assert spec["components"]["transformer"][2]["timestep_scale"] == 0.001

@@ -13,18 +13,29 @@ from sidflow.run.presets import get_preset
 pytestmark = pytest.mark.slow
 
 
-def test_default_preset_is_the_bundled_teacher():
+def test_default_preset_is_the_bundled_teacher_sid_then_sida():
+    import dataclasses
+
     config = get_preset(DEFAULT_PRESET)
     assert config.teacher.kind == "pipeline" and config.teacher.path == "bundled"
     assert config.eval.kind == "digits" and config.eval.num_samples == 1000
+    assert config.gan.mode == "sida" and config.data.real == "builtin:digits-train" and config.gan.mix_kimg > 0
+    # digits-sida is the default under the issue's name; digits-sid is the same run without real images
+    assert dataclasses.replace(get_preset("digits-sida"), name=config.name) == config
+    sid = get_preset("digits-sid")
+    assert (
+        sid.gan.mode == "off" and dataclasses.replace(sid, gan=config.gan, data=config.data, name=config.name) == config
+    )
 
 
-def test_digits_lora_preset_is_the_default_in_lora_mode():
-    """Everything as the default except the LoRA section, the adapters' learning rates and the k odds
-    (chosen on validation, see its docstring)."""
+def test_digits_lora_preset_is_the_issue_12_default_in_lora_mode():
+    """Everything as the issue-12 default (data-free SiD, 600 iterations) except the LoRA section, the
+    adapters' learning rates and the k odds (chosen on validation, see its docstring)."""
     import dataclasses
 
-    default, lora = get_preset(DEFAULT_PRESET), get_preset("digits-lora")
+    from sidflow.digits.plugin import digits_sid600
+
+    default, lora = digits_sid600(), get_preset("digits-lora")
     assert lora.lora.rank == 64 and lora.lora.share_base == "on"
     assert {"to_q", "ff.net.2", "norm1.linear", "norm1_context.linear"} <= set(lora.lora.targets or ())
     same = ("teacher", "loss", "guidance", "train", "gan", "data", "eval")
@@ -46,6 +57,7 @@ def test_shortened_default_run(tmp_path, select):
             "eval.every_kimg=0.016",
             "eval.num_samples=100",
             "eval.grid_size=4",
+            "eval.at_start=on",
             f"eval.select={select}",
         ]
     )

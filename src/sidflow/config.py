@@ -58,13 +58,30 @@ class TeacherConfig:
     kind: str = "pipeline"  # "pipeline" (a diffusers teacher) or a plugin's runner (e.g. "gmm")
     path: str = ""  # a pipeline folder, a hub id or a registered name ("bundled"); gmm: "2d" | "image"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights of teacher/fake/generator
-    time_scale: float | None = None  # transformer time input = time_scale * t; None = family default
-    max_sequence_length: int | None = None  # text tokens (SD3 T5 77, FLUX 512, SANA 300); None = default
+    # transformer time input = time_scale * t; None = read from the pipeline (SANA: 1000 x the
+    # transformer's timestep_scale), else the family's
+    time_scale: float | None = None
+    # text tokens; None = the text tokenizer's model_max_length capped at the family's (SD3 T5 77,
+    # FLUX 512, SANA 300)
+    max_sequence_length: int | None = None
     # on all three networks, the frozen teacher's backward into its inputs included
     gradient_checkpointing: Literal["off", "on"] = "off"
+    # text encoders' precision; auto = bf16 on CUDA, fp32 on CPUs (bf16 is ~24x slower there)
+    text_encoder_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    revision: str | None = None  # hub teachers: a commit, branch or tag
+    variant: str | None = None  # hub teachers: a weight variant (e.g. fp16, bf16)
+    # the environment variable holding the hub token (the token itself is never stored in a config)
+    token_env: str = "HF_TOKEN"
 
     def __post_init__(self) -> None:
         _validate(self)
+        if self.max_sequence_length is not None and self.max_sequence_length < 1:
+            raise ConfigError(f"teacher.max_sequence_length={self.max_sequence_length} must be >= 1 (or none)")
+        if self.token_env.startswith("hf_") or not self.token_env.replace("_", "").isalnum():
+            raise ConfigError(
+                "teacher.token_env names the environment variable that holds the hub token, not the token; "
+                "export HF_TOKEN=... and leave teacher.token_env=HF_TOKEN"
+            )
 
 
 @dataclass(frozen=True)
@@ -206,6 +223,12 @@ class TrainConfig:
         _validate(self)
         if self.batch < 1 or self.batch_gpu < 1 or self.batch % self.batch_gpu:
             raise ConfigError(f"train.batch={self.batch} must be a multiple of train.batch_gpu={self.batch_gpu}")
+        # 0 is a run that only writes its starting checkpoint (e.g. one started with train.init_from);
+        # a negative length would "finish" with exit code 0 having trained nothing
+        if self.max_steps < 0:
+            raise ConfigError(f"train.max_steps={self.max_steps} must be >= 0 (0: only the starting checkpoint)")
+        if self.total_kimg is not None and self.total_kimg <= 0:
+            raise ConfigError(f"train.total_kimg={self.total_kimg:g} must be > 0 (or none: train.max_steps counts)")
 
     def num_steps(self) -> int:
         """Iterations to run: ``ceil(total_kimg * 1000 / batch)`` or ``max_steps``."""
@@ -276,6 +299,7 @@ class EvalConfig:
     student_steps: tuple[int, ...] = (1, 4)  # generator step counts scored at each evaluation
     teacher_grid_steps: tuple[int, ...] = (4, 32)  # teacher rows of the sample grid
     grid_size: int = 20  # images per row of the sample grids
+    at_start: Literal["on", "off"] = "on"  # also score the untrained generator (the teacher's sampler)
     # which weights the run reports and exports: "final" (the last, EMA when on), "validation" (the
     # evaluated snapshot with the best validation FID over all student_steps, never measured on the
     # held-out set; spec 9) or "validation_per_steps" (the best snapshot for each step count)

@@ -9,12 +9,12 @@ level), so nothing is downloaded. The folders load back with ``from_pretrained``
 
 Families: ``sd3`` (SD3-Medium layout), ``sd35`` (SD3.5-Medium layout: dual attention, RMS qk-norm),
 ``flux`` (FLUX.1-dev layout: guidance embedder), ``sana`` (SANA RF), ``sana_sprint`` (a SANA-Sprint
-teacher: qk-norm, no guidance embedder, fed ``t`` rather than ``1000 t``).
+teacher: qk-norm, no guidance embedder, ``timestep_scale=0.001`` so that it is fed ``t`` rather than
+``1000 t``).
 """
 
 from __future__ import annotations
 
-import json
 import string
 from pathlib import Path
 
@@ -213,7 +213,9 @@ def _sana(out: Path, seed: int, sprint: bool) -> None:
     from transformers import Gemma2Config, Gemma2Model
 
     torch.manual_seed(seed)
-    extra = {"qk_norm": "rms_norm_across_heads"} if sprint else {}
+    # a Sprint teacher's transformer is fed t, not 1000 t: its config says so (timestep_scale, which
+    # diffusers' SanaPipeline applies), as the released Sprint teacher checkpoints do
+    extra = {"qk_norm": "rms_norm_across_heads", "timestep_scale": 0.001} if sprint else {}
     transformer = SanaTransformer2DModel(
         patch_size=1,
         in_channels=4,
@@ -271,12 +273,6 @@ def _sana(out: Path, seed: int, sprint: bool) -> None:
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
     pipe.save_pretrained(out)
-    if sprint:  # the Sprint teacher's transformer is fed t, not 1000 t: say so where loaders look
-        _write_json(out / "sidflow_teacher.json", {"family": "sana_sprint", "time_scale": 1.0})
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def build_tiny_pipeline(family: str, out_dir: str | Path, seed: int = 0) -> Path:

@@ -34,3 +34,29 @@ def test_split_disjoint_complete_and_deterministic():
 def test_held_out_mask_rule_on_synthetic_labels():
     labels = torch.tensor([0, 1, 0, 1, 0, 1, 0])
     assert held_out_mask(labels, per_class=2).tolist() == [False, False, False, True, True, True, True]
+
+
+@needs_digits
+def test_training_digits_folder_for_sida_holds_the_training_split_only(tmp_path, monkeypatch):
+    """builtin:digits-train: the 4,000 training digits as PNGs with captions (read back through the
+    general real-image path, bit for bit), none of the 1,000 held-out digits; written once."""
+    from sidflow.data.images import load_image
+    from sidflow.data.real_images import read_image_table
+    from sidflow.digits.plugin import training_digits_folder
+    from sidflow.digits.text import prompts_for_class
+
+    monkeypatch.setenv("SIDFLOW_CACHE", str(tmp_path))
+    folder = training_digits_folder()
+    table = read_image_table(str(folder))
+    train, held_out = load_digits("train"), load_digits("held_out")
+    assert len(table) == 4000
+    for i in (0, 1234, 3999):
+        image = load_image(table.read(i), 32, channels=1)
+        assert torch.allclose(image, train.images[i], atol=1 / 127.5)  # uint8 round trip
+        assert table.captions[i] in prompts_for_class(int(train.labels[i]))
+    stored = torch.stack([load_image(table.read(i), 32, channels=1) for i in range(4000)])
+    held = (held_out.images.flatten(1) * 127.5).round()
+    ours = set(map(bytes, (stored.flatten(1) * 127.5).round().to(torch.int16).numpy()))
+    assert not ours & set(map(bytes, held.to(torch.int16).numpy()))  # no held-out digit was written
+    mtime = (folder / "metadata.jsonl").stat().st_mtime_ns
+    assert training_digits_folder() == folder and (folder / "metadata.jsonl").stat().st_mtime_ns == mtime

@@ -147,7 +147,7 @@ def test_time_scale_comes_from_the_family_unless_given(tiny):
     assert load_teacher(tiny("sd3")).denoiser.time_scale == 1000.0
     assert load_teacher(tiny("sd3"), time_scale=7.0).denoiser.time_scale == 7.0
     assert load_teacher(tiny("sana")).denoiser.time_scale == 1000.0
-    assert load_teacher(tiny("sana_sprint")).denoiser.time_scale == 1.0  # its sidflow_teacher.json says so
+    assert load_teacher(tiny("sana_sprint")).denoiser.time_scale == 1.0  # its transformer config says so
 
 
 def test_sd3_without_t5(tiny):

@@ -41,6 +41,17 @@ def _run_pipeline(config: SiDConfig, run_dir: Path) -> dict[str, Any]:
     return result
 
 
+def _make_run_dir(run_dir: Path) -> None:
+    """Create the run folder, or one ConfigError line when the path (or a folder above it) is a file:
+    ``mkdir`` would otherwise end the run in a FileExistsError traceback before anything started."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir} is an existing file, not a folder; pass a folder path")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"--run-dir {run_dir} lies under an existing file; pass a folder path") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sidflow distill",
@@ -81,7 +92,7 @@ def main(argv: list[str]) -> int:
         )
     runner = _run_pipeline if config.teacher.kind == "pipeline" else get_runner(config.teacher.kind)
     run_dir = args.run_dir or Path("runs") / config.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _make_run_dir(run_dir)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes the run folder
         (run_dir / "config.json").write_text(to_json(config))
     metrics = runner(config, run_dir)

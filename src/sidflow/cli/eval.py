@@ -54,7 +54,9 @@ def _exported(target: Path, teacher: str | None) -> tuple[Any, list[float]]:
     if not teacher:
         raise ConfigError(f"{target} is an exported pipeline; pass --teacher FOLDER_OR_HUB_ID for its reference")
     sigmas = [float(s) for s in settings["sigmas"]]
-    config = SiDConfig(teacher=TeacherConfig(path=teacher))
+    # the teacher settings the generator was distilled with (older exports: read from the teacher)
+    distilled = {k: settings[k] for k in ("time_scale", "max_sequence_length") if settings.get(k) is not None}
+    config = SiDConfig(teacher=TeacherConfig(path=teacher, **distilled))
     generator = dataclasses.replace(config.generator, num_steps=len(sigmas), noise_type=settings["noise_type"])
     data = dataclasses.replace(config.data, resolution=int(settings.get("resolution", config.data.resolution)))
     return dataclasses.replace(config, generator=generator, data=data), sigmas

@@ -77,7 +77,11 @@ def read_prompt_file(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"prompt file {path} does not exist; pass a text file with one prompt per line")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise DataError(f"prompt file {path} has no prompts; write one prompt per line")
     return prompts
@@ -117,7 +121,19 @@ def _nonblank(values: Iterable[object], path: Path) -> list[str]:
     return prompts
 
 
+def _not_utf8(path: Path, err: UnicodeDecodeError) -> DataError:
+    """A file in another encoding (Latin-1, UTF-16, ...): name it and the fix, never a traceback."""
+    return DataError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8")
+
+
 def _read_jsonl(path: Path, column: str | None) -> list[object]:
+    try:
+        return _read_jsonl_utf8(path, column)
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from None
+
+
+def _read_jsonl_utf8(path: Path, column: str | None) -> list[object]:
     name, values = None, []  # only the prompt column is kept, not whole records
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
@@ -140,6 +156,13 @@ def _read_jsonl(path: Path, column: str | None) -> list[object]:
 
 
 def _read_csv(path: Path, column: str | None) -> list[object]:
+    try:
+        return _read_csv_utf8(path, column)
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from None
+
+
+def _read_csv_utf8(path: Path, column: str | None) -> list[object]:
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None:

@@ -16,6 +16,7 @@ import torch
 from sidflow.config import (
     DataConfig,
     EvalConfig,
+    GANConfig,
     GeneratorConfig,
     GuidanceConfig,
     LoraConfig,
@@ -36,49 +37,101 @@ from sidflow.run.registry import (
 )
 from sidflow.teachers.families import FAMILIES
 
-__all__ = ["register", "DIGITS_PRESET", "DIGITS_LORA_PRESET", "digits_preset", "digits_lora_preset", "digit_prompts"]
+__all__ = [
+    "register",
+    "DIGITS_PRESET",
+    "DIGITS_SID_PRESET",
+    "DIGITS_SIDA_PRESET",
+    "DIGITS_LORA_PRESET",
+    "digits_preset",
+    "digits_sid_preset",
+    "digits_sid600",
+    "digits_lora_preset",
+    "digit_prompts",
+    "training_digits_folder",
+]
 
 DIGITS_PRESET = "digits"
+DIGITS_SID_PRESET = "digits-sid"  # the data-free comparison row
+DIGITS_SIDA_PRESET = "digits-sida"  # SiD then SiDA: the default itself, by the name the issue gives it
 DIGITS_LORA_PRESET = "digits-lora"
+TRAIN_IMAGES = "digits-train"  # data.real=builtin:digits-train, SiDA's real images
 BUNDLED = "bundled"  # teacher.path naming the tiny SD3 teacher shipped with sidflow
 
 
-def digits_preset() -> SiDConfig:
-    """The bundled teacher, sized for about 9 minutes on a 2-core CPU, evaluation included: 600 iterations.
+def digits_sid_preset() -> SiDConfig:
+    """Data-free SiD on the bundled teacher, sized for about 4 minutes on a 2-core CPU, evaluation
+    included: 300 iterations of 32 (9,600 generator images). The comparison row of the default (the
+    same run without real images).
 
-    Tuned in short runs against the bundled teacher (whose best is w = 1.5 at 8 Euler steps): the SiD
-    teacher term uses kappa4 = 1.25 while the fake score runs unguided (kappa1 = kappa2 = 1, one
-    pass); kappa4 = 1.5 over-sharpened the 4-step output, 1.3 was worse than 1.25, and kappa4 = 1
-    left accuracy at 0.93. The fake score learns 3x faster than the generator (lr 3e-4 vs glr 1e-4).
-    k = 1 is drawn twice as often as each of k = 2, 3, 4 (``k_weights``): with the paper's uniform
-    draw the one-step output lagged (FID ~60 against ~40). alpha = 1.5 gives the best 4-step output
-    (alpha 1 and 1.2 leave it at 21-28), while the 1-step output keeps improving after the 4-step
-    one peaks, so the run keeps the EMA snapshot with the best validation FID (training digits;
-    spec 9) for each step count separately, never looking at the held-out set.
+    The SiD settings were tuned in earlier 600-iteration runs: the teacher term uses kappa4 = 1.25
+    while the fake score runs unguided (kappa1 = kappa2 = 1, one pass); the fake score learns 3x
+    faster than the generator (lr 3e-4 vs glr 1e-4); k = 1 is drawn twice as often as each of
+    k = 2, 3, 4 (``k_weights``); alpha = 1.5. The run evaluates every 2.4k images and keeps, for each
+    step count, the EMA snapshot with the best validation FID (the 4,000 training digits; spec 9);
+    the held-out digits take part in no choice. EMA half-life 1k images (issue 14: in 300-iteration
+    runs, 2k lagged the one-step output).
     """
     return SiDConfig(
+        name=DIGITS_SID_PRESET,
         teacher=TeacherConfig(kind="pipeline", path=BUNDLED),
         generator=GeneratorConfig(num_steps=4, noise_type="fresh", k_weights=(2.0, 1.0, 1.0, 1.0)),
         loss=LossConfig(alpha=1.5),
         guidance=GuidanceConfig(kappa1=1.0, kappa2=1.0, kappa4=1.25),
         optim=OptimConfig(lr=3e-4, glr=1e-4),
-        train=TrainConfig(batch=32, batch_gpu=32, max_steps=600, log_every=10, ckpt_every=100, ema_halflife_kimg=2.0),
+        train=TrainConfig(batch=32, batch_gpu=32, max_steps=300, log_every=10, ckpt_every=100, ema_halflife_kimg=1.0),
         data=DataConfig(prompts="builtin:digits", resolution=32),
         eval=EvalConfig(
             kind="digits",
-            every_kimg=4.8,
+            every_kimg=2.4,
             num_samples=1000,
             student_steps=(1, 4),
             teacher_grid_steps=(4, 8),
             grid_size=20,
             select="validation_per_steps",
+            at_start="off",
         ),
     )
 
 
+def digits_preset() -> SiDConfig:
+    """The default run: SiD, then SiDA on the 4,000 training digits (issue 14), in about 4.5 minutes
+    on a 2-core CPU, evaluation included: :func:`digits_sid_preset` with real images.
+
+    The generator trains on SiD alone for its first 2,400 images (75 iterations; the fake score
+    already learns to tell the training digits from generated ones), then on 0.25 SiD + 0.75
+    adversarial; the generator's prompts are the training digits' captions (``builtin:digits-train``:
+    one of the class's five phrasings each). Chosen on validation FIDs only (training digits; the
+    held-out digits were measured once, at the end; README table), among 300-iteration runs:
+    data-free SiD 50.2 / 15.9 (1 step / 4 steps, best snapshots); SiDA from the start with mix 0.5
+    49.1 / 10.3, with mix 0.75 41.6 / 13.9, and with EMA half-life 1k 39.7 / 10.6 (mix 0.5) and
+    35.7 / 12.6 (mix 0.75); SiD for 4.8k images then mix 0.5: 47.0 / 9.7; **SiD for 2.4k then mix
+    0.75: 25.2 / 11.8** (this preset). A generator lr of 1.5e-4 or 2e-4 helped one step (34-35) but
+    broke four steps (65-77), and k = 1 four times as often diverged.
+    """
+    sid = digits_sid_preset()
+    return dataclasses.replace(
+        sid,
+        name=DIGITS_PRESET,
+        gan=GANConfig(mode="sida", warmup_kimg=0.0, mix_kimg=2.4, mix=0.75),
+        data=dataclasses.replace(sid.data, real=f"builtin:{TRAIN_IMAGES}"),
+    )
+
+
+def digits_sid600() -> SiDConfig:
+    """The default before issue 14 (data-free SiD, 600 iterations, evaluated every 4.8k images with
+    EMA half-life 2k; ~7-9 min here): the base of ``digits-lora``, whose settings were tuned on it."""
+    sid = digits_sid_preset()
+    return dataclasses.replace(
+        sid,
+        train=dataclasses.replace(sid.train, max_steps=600, ema_halflife_kimg=2.0),
+        eval=dataclasses.replace(sid.eval, every_kimg=4.8, at_start="on"),
+    )
+
+
 def digits_lora_preset() -> SiDConfig:
-    """The default run in LoRA mode (issue 12): one frozen bundled teacher, the fake score and the
-    generator two rank-64 adapters on it, the same iterations and evaluation as ``digits``.
+    """The issue-12 default (:func:`digits_sid600`) in LoRA mode: one frozen bundled teacher, the fake
+    score and the generator two rank-64 adapters on it, the same iterations and evaluation.
 
     Chosen on the validation FIDs (training digits) of 300-iteration runs only, never on the held-out
     set (README, "LoRA mode"): the family's default targets (attention and MLP projections) left the
@@ -92,7 +145,7 @@ def digits_lora_preset() -> SiDConfig:
     step counts, 5e-4 traded the four-step output for the one-step one (57.0 / 16.3), 1e-3 was
     unstable at four steps.
     """
-    base = digits_preset()
+    base = digits_sid600()
     return dataclasses.replace(
         base,
         lora=LoraConfig(rank=64, alpha=64.0, targets=(*FAMILIES["sd3"].lora_targets, *ADALN)),
@@ -120,14 +173,16 @@ def _evaluation(config: SiDConfig, teacher: Any, latent_shape: tuple[int, ...], 
     return DigitsEvaluation(config, teacher, latent_shape, device, baseline=baseline)
 
 
-TRAIN_IMAGES = "digits-train"  # data.real=builtin:digits-train, SiDA's real images
+TRAIN_DIGITS = BUNDLED_TEACHER.parent / "train_digits.npz"  # the 4,000 training digits, 28x28 uint8
 
 
 def training_digits_folder() -> Path:
     """The 4,000 training digits as an image folder with captions (``images/*.png`` 32x32 grey and
     ``metadata.jsonl``: file name and one of the class's five prompts, in turn), written once under
     ``$SIDFLOW_CACHE`` (default ``~/.cache/sidflow``): SiDA reads them through the same path as any
-    folder of real images. The 1,000 held-out digits are never written."""
+    folder of real images. They come from ``assets/train_digits.npz`` (0.7 MB, shipped, so the
+    default run needs no ``[teacher]`` extra; equal to ``load_digits("train")``, tested); the 1,000
+    held-out digits are never written."""
     import json
     import os
 
@@ -135,18 +190,17 @@ def training_digits_folder() -> Path:
     from PIL import Image
 
     from sidflow.atomic import atomic_dir
-    from sidflow.digits.data import load_digits
     from sidflow.digits.text import PHRASINGS, prompt_for
 
     root = Path(os.environ.get("SIDFLOW_CACHE", Path.home() / ".cache" / "sidflow")) / f"{TRAIN_IMAGES}-v1"
     if (root / "metadata.jsonl").is_file():
         return root
-    digits = load_digits("train")
+    with np.load(TRAIN_DIGITS, allow_pickle=False) as data:  # plain arrays, never pickles
+        images, labels = np.pad(data["images"], ((0, 0), (2, 2), (2, 2))), data["labels"].tolist()
     with atomic_dir(root) as tmp:
         (tmp / "images").mkdir()
         rows = []
-        for i, (image, label) in enumerate(zip(digits.images, digits.labels.tolist(), strict=True)):
-            pixels = ((image[0].numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        for i, (pixels, label) in enumerate(zip(images, labels, strict=True)):
             name = f"images/{i:04d}.png"
             Image.fromarray(pixels, mode="L").save(tmp / name)
             rows.append({"file_name": name, "caption": prompt_for(label, i % len(PHRASINGS)), "label": label})
@@ -157,6 +211,8 @@ def training_digits_folder() -> Path:
 def register() -> None:
     """Plug the benchmark into the run layer (called once by :func:`sidflow.run.registry.load_plugins`)."""
     register_preset(DIGITS_PRESET, digits_preset(), replace=True)
+    register_preset(DIGITS_SIDA_PRESET, dataclasses.replace(digits_preset(), name=DIGITS_SIDA_PRESET), replace=True)
+    register_preset(DIGITS_SID_PRESET, digits_sid_preset(), replace=True)
     register_preset(DIGITS_LORA_PRESET, digits_lora_preset(), replace=True)
     register_evaluation("digits", _evaluation, replace=True)
     register_teacher_alias(BUNDLED, BUNDLED_TEACHER, replace=True)

@@ -61,7 +61,7 @@ class RunState:
 def load_run_teacher(config: SiDConfig, device: torch.device | str, transformer_device: str | None = None) -> Any:
     """The teacher adapter of a run, loaded with the run's settings (in bf16 under pure_bf16);
     ``transformer_device`` as :func:`~sidflow.teachers.load_teacher` (shard-first FSDP2)."""
-    from sidflow.teachers import load_teacher  # lazy: the diffusers import is slow
+    from sidflow.teachers import load_teacher, teacher_load_options  # lazy: the diffusers import is slow
 
     tc = config.teacher
     pure = resolve_precision(config.train.precision, device) == "pure_bf16"
@@ -72,6 +72,7 @@ def load_run_teacher(config: SiDConfig, device: torch.device | str, transformer_
         dtype=torch.bfloat16 if pure else DTYPES[tc.dtype],
         max_sequence_length=tc.max_sequence_length,
         transformer_device=transformer_device,
+        **teacher_load_options(tc),  # text-encoder precision, hub revision/variant/token (issue 15)
     )
 
 

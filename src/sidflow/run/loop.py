@@ -110,7 +110,7 @@ def _train(
         else None
     )
     history: list[dict[str, Any]] = []
-    if eval_every and trainer.iteration == 0:  # the untrained generator (= the teacher's sampler)
+    if eval_every and trainer.iteration == 0 and config.eval.at_start == "on":  # the untrained generator
         student = eval_generator(run)
         if evaluation is not None and student is not None:
             row = evaluation.score_student(cast(Denoiser, student), trainer.images_seen)

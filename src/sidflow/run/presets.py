@@ -64,6 +64,7 @@ REAL_TEACHERS: dict[str, tuple[str, int]] = {
     "sana-600m-4step": ("Efficient-Large-Model/Sana_600M_512px_diffusers", 512),
     "sana-1600m-4step": ("Efficient-Large-Model/Sana_1600M_512px_diffusers", 512),
     "sana-sprint-0.6b-teacher-4step": ("Efficient-Large-Model/Sana_Sprint_0.6B_1024px_teacher_diffusers", 1024),
+    "sana-sprint-1.6b-teacher-4step": ("Efficient-Large-Model/Sana_Sprint_1.6B_1024px_teacher_diffusers", 1024),
 }
 
 

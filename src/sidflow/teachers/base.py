@@ -558,38 +558,51 @@ class TeacherBase:
         net = denoiser if denoiser is not None else self.denoiser
         return euler_sample(net, noise.to(self.device), sigmas, cond, uncond, guidance_scale)
 
-    def export_pipeline(self, generator: TransformerDenoiser, out: Path, *, stochastic_sampling: bool) -> Path:
+    def export_pipeline(
+        self, generator: TransformerDenoiser, out: Path, *, stochastic_sampling: bool, components: dict | None = None
+    ) -> Path:
         """Save ``generator`` as a stock diffusers pipeline of the teacher's own class (spec 15).
 
-        The other components (VAE, text encoders, tokenizers) are the teacher's; the scheduler is
-        ``FlowMatchEulerDiscreteScheduler(shift=1)`` (the generator's step times are passed as
-        ``sigmas`` at call time), with ``stochastic_sampling`` for fresh re-noising.
+        The other components (VAE, text encoders, tokenizers) are the teacher's unless ``components``
+        replaces some; the scheduler is ``FlowMatchEulerDiscreteScheduler(shift=1)`` (the generator's
+        step times are passed as ``sigmas`` at call time; SANA's own DPM solver would refuse them),
+        with ``stochastic_sampling`` for fresh re-noising.
         """
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = FlowMatchEulerDiscreteScheduler(
             shift=1.0, use_dynamic_shifting=False, stochastic_sampling=stochastic_sampling
         )
-        components = {**self.pipe.components, "transformer": generator.transformer, "scheduler": scheduler}
+        components = {
+            **self.pipe.components,
+            **(components or {}),
+            "transformer": generator.transformer,
+            "scheduler": scheduler,
+        }
         type(self.pipe)(**components).save_pretrained(out)
         return out
 
 
-def meta_transformer(cls: type, source: str | Path, dtype: torch.dtype) -> nn.Module:
+def meta_transformer(cls: type, source: str | Path, dtype: torch.dtype, hub: dict | None = None) -> nn.Module:
     """The pipeline's transformer built from its ``transformer/config.json`` on the ``meta`` device
     (no weights read): what the ranks other than 0 load under shard-first FSDP2, where only rank 0
-    reads the weights (:mod:`sidflow.run.sharded`)."""
-    config = cast(Any, cls).load_config(str(source), subfolder="transformer")  # diffusers ConfigMixin
+    reads the weights (:mod:`sidflow.run.sharded`). ``hub``: revision / token of a hub id."""
+    options = {k: v for k, v in (hub or {}).items() if k != "variant"}  # a config has no variants
+    config = cast(Any, cls).load_config(str(source), subfolder="transformer", **options)  # diffusers ConfigMixin
     with torch.device("meta"):
         model = cast(Any, cls).from_config(config)
     return model.to(dtype)
 
 
-def transformer_kwargs(cls: type, source: str | Path, dtype: torch.dtype, transformer_device: str | None) -> dict:
-    """``from_pretrained`` keyword for the transformer: a meta-device one when asked, else nothing."""
-    if transformer_device != "meta":
-        return {}
-    return {"transformer": meta_transformer(cls, source, dtype)}
+def transformer_kwargs(
+    cls: type, source: str | Path, dtype: torch.dtype, transformer_device: str | None, hub: dict | None = None
+) -> dict:
+    """``from_pretrained`` keywords: the hub settings (``revision``, ``variant``, ``token``,
+    ``local_files_only``), and a meta-device transformer when asked."""
+    options = dict(hub or {})
+    if transformer_device == "meta":
+        options["transformer"] = meta_transformer(cls, source, dtype, hub)
+    return options
 
 
 def prepare_pipeline(

@@ -80,15 +80,18 @@ def resolve_spec(path_or_id: str, family: str | None = None, time_scale: float |
     """Shipped spec of a hub id / stem, or a spec read from a local pipeline folder."""
     from sidflow.teachers import detect_family  # lazy: the package imports this module
     from sidflow.teachers.base import SIDFLOW_TEACHER_FILE, read_model_index
-    from sidflow.teachers.families import FAMILIES
+    from sidflow.teachers.families import FAMILIES, time_scale_from_config
 
     folder = Path(path_or_id).expanduser()
     if folder.is_dir():
         side = folder / SIDFLOW_TEACHER_FILE
         sidecar = json.loads(side.read_text()) if side.is_file() else None
-        fam = family or detect_family(read_model_index(folder), str(folder), sidecar)
-        if time_scale is None:
-            time_scale = (sidecar or {}).get("time_scale") or FAMILIES[fam].time_scale
+        config_path = folder / "transformer" / "config.json"
+        transformer_config = json.loads(config_path.read_text()) if config_path.is_file() else None
+        fam = family or detect_family(read_model_index(folder), str(folder), sidecar, transformer_config)
+        if time_scale is None:  # as load_teacher: the sidecar, the transformer's config, the family
+            from_config = time_scale_from_config(fam, transformer_config)
+            time_scale = (sidecar or {}).get("time_scale") or from_config or FAMILIES[fam].time_scale
         return spec_from_folder(folder, fam, float(time_scale))
     spec = shipped_config(path_or_id)
     if spec is None:

@@ -5,8 +5,12 @@ info``, presets, FSDP sharding). Spec 1.1 (time scales), 2 (text encoders), 16 (
 
 * ``time_scale``: the transformer is fed ``time_scale * t``; SD3/SD3.5 and SANA take ``1000 t``, FLUX
   takes ``t`` (it scales by 1000 inside), the SANA-Sprint teacher's dense time embedding takes ``t``.
-* ``max_sequence_length``: text tokens per prompt (SD3: the T5 part, the reference's 77, on top of
-  77 CLIP tokens; FLUX: T5 512; SANA: Gemma 300).
+  A loaded SANA pipeline's own ``transformer.config.timestep_scale`` overrides it
+  (:func:`time_scale_from_config`), as diffusers' ``SanaPipeline`` applies it.
+* ``max_sequence_length``: the most text tokens per prompt (SD3: the T5 part, the reference's 77, on
+  top of 77 CLIP tokens; FLUX: T5 512; SANA: Gemma 300); a pipeline whose ``text_tokenizer`` says
+  fewer (``model_max_length``) gets that (:mod:`sidflow.teachers.defaults`).
+* ``text_tokenizer``: the pipeline component whose ``model_max_length`` bounds that length.
 * ``fsdp_blocks``: the transformer's block lists, each block one FSDP2 unit (spec 16).
 * ``lora_targets``: the layers LoRA mode puts adapters on (``lora.targets``' default).
 * ``embedded_guidance``: the transformer takes FLUX-style embedded guidance as an input.
@@ -14,11 +18,13 @@ info``, presets, FSDP sharding). Spec 1.1 (time scales), 2 (text encoders), 16 (
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from sidflow.errors import TeacherLoadError
 
-__all__ = ["Family", "FAMILIES", "PIPELINE_FAMILIES", "get_family"]
+__all__ = ["Family", "FAMILIES", "PIPELINE_FAMILIES", "get_family", "time_scale_from_config"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,7 @@ class Family:
     fsdp_blocks: tuple[str, ...]
     lora_targets: tuple[str, ...]
     embedded_guidance: bool = False
+    text_tokenizer: str = "tokenizer"
 
 
 _BLOCKS = ("transformer_blocks",)
@@ -57,8 +64,8 @@ _SANA = ("to_q", "to_k", "to_v", "to_out.0", "ff.conv_inverted", "ff.conv_point"
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("sd3", "sd3", "StableDiffusion3Pipeline", 1000.0, 77, _BLOCKS, _JOINT),
-        Family("sd35", "sd3", "StableDiffusion3Pipeline", 1000.0, 77, _BLOCKS, _JOINT),
+        Family("sd3", "sd3", "StableDiffusion3Pipeline", 1000.0, 77, _BLOCKS, _JOINT, text_tokenizer="tokenizer_3"),
+        Family("sd35", "sd3", "StableDiffusion3Pipeline", 1000.0, 77, _BLOCKS, _JOINT, text_tokenizer="tokenizer_3"),
         Family(
             "flux",
             "flux",
@@ -68,6 +75,7 @@ FAMILIES: dict[str, Family] = {
             ("transformer_blocks", "single_transformer_blocks"),
             _FLUX,
             embedded_guidance=True,
+            text_tokenizer="tokenizer_2",
         ),
         Family("sana", "sana", "SanaPipeline", 1000.0, 300, _BLOCKS, _SANA),
         Family("sana_sprint", "sana", "SanaSprintPipeline", 1.0, 300, _BLOCKS, _SANA),
@@ -87,3 +95,16 @@ def get_family(name: str) -> Family:
     if name not in FAMILIES:
         raise TeacherLoadError(f"unsupported teacher family '{name}'; choose one of {', '.join(FAMILIES)}")
     return FAMILIES[name]
+
+
+def time_scale_from_config(family: str, transformer_config: Mapping[str, Any] | None) -> float | None:
+    """The time scale a transformer's own config states, or None where it states none.
+
+    diffusers' ``SanaPipeline`` feeds ``timestep * transformer.config.timestep_scale`` with the
+    scheduler's ``timestep = 1000 t``: 1 for the RF checkpoints, 0.001 for the SANA-Sprint teachers
+    (their dense time embedding expects ``t``). sidflow feeds ``time_scale * t``, so it is
+    ``1000 * timestep_scale``. SD3 and FLUX configs carry no such entry (their scale is the family's).
+    """
+    if not family.startswith("sana") or not transformer_config:
+        return None
+    return 1000.0 * float(transformer_config.get("timestep_scale", 1.0))

@@ -8,7 +8,8 @@ multiplies it (and the embedded guidance) by 1000 itself, so ``time_scale = 1``.
 guidance-distilled: the *embedded* guidance value is a model input read from
 ``cond.meta["embedded_guidance"]`` (default: the denoiser's ``embedded_guidance``, 1.0); it is
 ignored for checkpoints without a guidance embedder (FLUX-schnell). Text: T5 last hidden state
-(512 tokens) -> ``prompt_embeds [B, 512, 4096]``, CLIP-L pooled -> ``pooled_prompt_embeds [B, 768]``.
+(512 tokens, or fewer where ``tokenizer_2`` says so) -> ``prompt_embeds [B, 512, 4096]``, CLIP-L
+pooled -> ``pooled_prompt_embeds [B, 768]``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from sidflow.teachers.base import (
     prepare_pipeline,
     transformer_kwargs,
 )
+from sidflow.teachers.defaults import with_defaults
 from sidflow.teachers.families import FAMILIES
 
 __all__ = ["FluxDenoiser", "FluxTeacher", "load", "pack_latents", "unpack_latents", "image_ids"]
@@ -156,17 +158,29 @@ def load(
     source: str | Path,
     *,
     name: str,
-    time_scale: float,
+    time_scale: float | None = None,
     dtype: torch.dtype = torch.float32,
     text_encoder_dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     transformer_device: str | None = None,
-    max_sequence_length: int = FAMILIES["flux"].max_sequence_length,
+    max_sequence_length: int | None = None,
+    origins: dict[str, str] | None = None,
+    hub: dict | None = None,
 ) -> FluxTeacher:
-    """Load with diffusers' ``FluxPipeline.from_pretrained`` (hub id or local folder)."""
+    """Load with diffusers' ``FluxPipeline.from_pretrained`` (hub id or local folder); ``time_scale``
+    / ``max_sequence_length`` None are read from the pipeline (:mod:`sidflow.teachers.defaults`)."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    meta = transformer_kwargs(FluxTransformer2DModel, source, dtype, transformer_device)
-    pipe = load_component(lambda: FluxPipeline.from_pretrained(str(source), dtype=dtype, **meta), "pipeline", name)
+    options = transformer_kwargs(FluxTransformer2DModel, source, dtype, transformer_device, hub)
+    pipe = load_component(lambda: FluxPipeline.from_pretrained(str(source), dtype=dtype, **options), "pipeline", name)
     prepare_pipeline(pipe, device, text_encoder_dtype, transformer_device)
-    return FluxTeacher(pipe, time_scale=time_scale, max_sequence_length=max_sequence_length, name=name, device=device)
+    return with_defaults(
+        FluxTeacher,
+        pipe,
+        "flux",
+        name=name,
+        device=device,
+        time_scale=time_scale,
+        max_sequence_length=max_sequence_length,
+        origins=origins,
+    )

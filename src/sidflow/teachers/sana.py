@@ -3,8 +3,10 @@
 ``SanaTransformer2DModel`` predicts the rectified-flow velocity on latents ``[B, 32, H/32, W/32]``
 (DC-AE, ``latent = z * scaling``, no shift). The RF checkpoints take ``timestep = 1000 t``; the
 SANA-Sprint *teacher* checkpoints use a dense time embedding fed ``t`` itself (``time_scale = 1``,
-spec 1.2: no TrigFlow maths, the same RF equations). The SiD reference never passes a guidance
-embedding to SANA, so a transformer with ``guidance_embeds=True`` is refused as a teacher.
+spec 1.2: no TrigFlow maths, the same RF equations). Which one a checkpoint is comes from its
+``transformer.config.timestep_scale`` (1 or 0.001), as diffusers' ``SanaPipeline`` applies it.
+The SiD reference never passes a guidance embedding to SANA, so a transformer with
+``guidance_embeds=True`` is refused as a teacher.
 
 Text: Gemma-2 through the pipeline's own ``encode_prompt``, with SANA's complex human instruction
 (CHI) preamble prepended to every non-empty prompt -> ``prompt_embeds [B, 300, 2304]`` and
@@ -31,7 +33,8 @@ from sidflow.teachers.base import (
     prepare_pipeline,
     transformer_kwargs,
 )
-from sidflow.teachers.families import FAMILIES
+from sidflow.teachers.defaults import with_defaults
+from sidflow.teachers.families import FAMILIES, time_scale_from_config
 
 __all__ = ["SanaDenoiser", "SanaTeacher", "load", "default_complex_human_instruction"]
 
@@ -123,6 +126,19 @@ class SanaTeacher(TeacherBase):
             return FlowMatchEulerDiscreteScheduler.from_config(config)
         return FlowMatchEulerDiscreteScheduler.from_config({"shift": float(config.get("flow_shift") or 1.0)})
 
+    def export_pipeline(
+        self, generator: TransformerDenoiser, out: Path, *, stochastic_sampling: bool, components: dict | None = None
+    ) -> Path:
+        """As :meth:`TeacherBase.export_pipeline`, with the generator's ``timestep_scale`` set to the
+        time scale it was trained with (``time_scale / 1000``): the stock ``SanaPipeline`` feeds
+        ``1000 t * timestep_scale``, so a teacher run with ``teacher.time_scale`` set against its
+        config exports a pipeline that feeds what the generator learned (the config entry only)."""
+        transformer = cast(Any, generator.transformer)  # a diffusers ConfigMixin
+        wanted = self.denoiser.time_scale / 1000.0
+        if float(transformer.config.get("timestep_scale", 1.0)) != wanted:
+            transformer.register_to_config(timestep_scale=wanted)
+        return super().export_pipeline(generator, out, stochastic_sampling=stochastic_sampling, components=components)
+
     def _encode(self, prompts: list[str], chi: list[str] | None) -> tuple[Tensor, Tensor]:
         kwargs = {
             "device": self.text_device,
@@ -163,32 +179,47 @@ def load(
     source: str | Path,
     *,
     name: str,
-    time_scale: float,
+    time_scale: float | None = None,
     sprint: bool = False,
     dtype: torch.dtype = torch.float32,
     text_encoder_dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     transformer_device: str | None = None,
-    max_sequence_length: int = FAMILIES["sana"].max_sequence_length,
+    max_sequence_length: int | None = None,
+    origins: dict[str, str] | None = None,
+    hub: dict | None = None,
     complex_human_instruction: list[str] | None = None,
 ) -> SanaTeacher:
-    """Load with diffusers' ``from_pretrained`` of the folder's own SANA pipeline class."""
+    """Load with diffusers' ``from_pretrained`` of the folder's own SANA pipeline class.
+
+    ``time_scale`` None: ``1000 * transformer.config.timestep_scale``, as ``SanaPipeline`` feeds it
+    (1000 for the RF checkpoints, 1 for the Sprint teachers, whose config says 0.001); a transformer
+    whose config scales time is a Sprint teacher whatever its name (:mod:`sidflow.teachers.defaults`).
+    """
     from diffusers import DiffusionPipeline, SanaTransformer2DModel
 
-    meta = transformer_kwargs(SanaTransformer2DModel, source, dtype, transformer_device)
-    pipe = load_component(lambda: DiffusionPipeline.from_pretrained(str(source), dtype=dtype, **meta), "pipeline", name)
-    if sprint and pipe.transformer.config.guidance_embeds:
+    options = transformer_kwargs(SanaTransformer2DModel, source, dtype, transformer_device, hub)
+    pipe = load_component(
+        lambda: DiffusionPipeline.from_pretrained(str(source), dtype=dtype, **options), "pipeline", name
+    )
+    config = pipe.transformer.config
+    sprint = sprint or time_scale_from_config("sana", dict(config)) != FAMILIES["sana"].time_scale
+    if sprint and config.guidance_embeds:
         raise TeacherLoadError(
             f"{name} is a SANA-Sprint checkpoint with a guidance embedder; SiD needs the "
             "Sprint *teacher* checkpoint (guidance_embeds=False)"
         )
     prepare_pipeline(pipe, device, text_encoder_dtype, transformer_device)
-    return SanaTeacher(
+    family = "sana_sprint" if sprint else "sana"
+    return with_defaults(
+        SanaTeacher,
         pipe,
-        time_scale=time_scale,
-        max_sequence_length=max_sequence_length,
-        complex_human_instruction=complex_human_instruction,
-        sprint=sprint,
+        family,
         name=name,
         device=device,
+        time_scale=time_scale,
+        max_sequence_length=max_sequence_length,
+        origins=origins,
+        complex_human_instruction=complex_human_instruction,
+        sprint=sprint,
     )
