@@ -54,6 +54,7 @@ __all__ = [
 DIGITS_PRESET = "digits"
 DIGITS_SID_PRESET = "digits-sid"  # the data-free comparison row
 DIGITS_SIDA_PRESET = "digits-sida"  # SiD then SiDA: the default itself, by the name the issue gives it
+DIGITS_SID600_PRESET = "digits-sid600"  # the default before issue 14 (its figures stay reproducible)
 DIGITS_LORA_PRESET = "digits-lora"
 TRAIN_IMAGES = "digits-train"  # data.real=builtin:digits-train, SiDA's real images
 BUNDLED = "bundled"  # teacher.path naming the tiny SD3 teacher shipped with sidflow
@@ -213,6 +214,7 @@ def register() -> None:
     register_preset(DIGITS_PRESET, digits_preset(), replace=True)
     register_preset(DIGITS_SIDA_PRESET, dataclasses.replace(digits_preset(), name=DIGITS_SIDA_PRESET), replace=True)
     register_preset(DIGITS_SID_PRESET, digits_sid_preset(), replace=True)
+    register_preset(DIGITS_SID600_PRESET, digits_sid600(), replace=True)
     register_preset(DIGITS_LORA_PRESET, digits_lora_preset(), replace=True)
     register_evaluation("digits", _evaluation, replace=True)
     register_teacher_alias(BUNDLED, BUNDLED_TEACHER, replace=True)
