@@ -22,7 +22,7 @@ from sidflow.data.prompt_files import pick_column
 from sidflow.errors import DataError
 
 IMAGE_COLUMNS = ("image", "img", "jpg", "png")  # tried in this order when no column is named
-__all__ = ["IMAGE_COLUMNS", "IMAGE_SUFFIXES", "list_images", "load_image", "iter_images", "source_files"]
+__all__ = ["IMAGE_COLUMNS", "IMAGE_SUFFIXES", "list_images", "load_image", "iter_images", "source_files", "image_value"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -54,6 +54,14 @@ def load_image(source: Any, resolution: int, channels: int = 3) -> Tensor:
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
 
 
+def image_value(value: Any) -> Any:
+    """A stored image as bytes, a path or a PIL image: ``datasets``' Image feature is written to
+    parquet as ``{"bytes": ..., "path": ...}``."""
+    if isinstance(value, dict):
+        return value.get("bytes") or value.get("path")
+    return value
+
+
 def _parquet_images(path: Path, column: str | None) -> Iterator[tuple[str, bytes | str]]:
     """The image column of a parquet file, one record batch in memory at a time."""
     try:
@@ -66,9 +74,7 @@ def _parquet_images(path: Path, column: str | None) -> Iterator[tuple[str, bytes
     i = 0
     for batch in file.iter_batches(batch_size=64, columns=[name]):
         for value in batch.column(0).to_pylist():
-            if isinstance(value, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
-                value = value.get("bytes") or value.get("path")
-            yield f"{path.name}[{i}]", value
+            yield f"{path.name}[{i}]", image_value(value)
             i += 1
 
 

@@ -47,7 +47,7 @@ from sidflow.collectives import barrier, is_distributed
 from sidflow.core import rng
 from sidflow.core.denoiser import Cond
 from sidflow.data.embedding_cache import DiskEmbeddingCache
-from sidflow.data.images import IMAGE_COLUMNS, load_image
+from sidflow.data.images import IMAGE_COLUMNS, image_value, load_image
 from sidflow.data.prompt_files import SPLIT_SEPARATOR, pick_column
 from sidflow.data.prompts import PromptSource
 from sidflow.errors import DataError
@@ -111,12 +111,6 @@ def _folder_table(captions_file: Path, caption_column: str | None) -> ImageTable
     return ImageTable(keys, captions, lambda i: paths[i], str(captions_file))
 
 
-def _image_value(value: Any) -> Any:
-    if isinstance(value, dict):  # datasets' Image feature stored as {"bytes": ..., "path": ...}
-        return value.get("bytes") or value.get("path")
-    return value
-
-
 def _parquet_table(path: Path, image_column: str | None, caption_column: str | None) -> ImageTable:
     try:
         import pyarrow.parquet as pq
@@ -136,7 +130,7 @@ def _parquet_table(path: Path, image_column: str | None, caption_column: str | N
     def read(i: int) -> Any:  # one row group at a time: never the whole image column in memory
         group = max(g for g, s in enumerate(starts) if s <= i)
         column = file.read_row_group(group, columns=[image]).column(image)
-        return _image_value(column[i - starts[group]].as_py())
+        return image_value(column[i - starts[group]].as_py())
 
     return ImageTable([f"{base}|{i}" for i in range(len(captions))], captions, read, str(path))
 
@@ -161,7 +155,7 @@ def _dataset_table(spec: str, image_column: str | None, caption_column: str | No
     return ImageTable(
         [f"{path.resolve()}|{fingerprint}|{i}" for i in range(len(captions))],
         captions,
-        lambda i: _image_value(loaded[i][image]),
+        lambda i: image_value(loaded[i][image]),
         folder,
     )
 
