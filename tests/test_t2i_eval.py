@@ -215,7 +215,7 @@ def test_sidflow_eval_of_the_exported_pipeline_equals_the_run_folder(digits_run,
     """The exported generator_pipeline (step times and resolution from its sidflow_generator.json,
     the teacher it was distilled from) scores as the run folder's final weights do."""
     cache = tmp_path / "features"
-    same_reference = "eval.teacher_guidance=1.25"  # the digits run's kappa4 (an export carries no guidance)
+    same_reference = "eval.teacher_guidance=1.25"  # one teacher guidance for both (an export carries none)
     run_args = _eval_args(digits_run, cache, metric_models, tmp_path / "run.json")
     assert cli.main(["eval", *run_args, same_reference]) == 0
     exported = _eval_args(digits_run / "generator_pipeline", cache, metric_models, tmp_path / "exported.json")
