@@ -28,6 +28,24 @@ def test_default_preset_is_the_bundled_teacher_sid_then_sida():
     )
 
 
+def test_previous_default_keeps_its_settings():
+    """digits-sid600 reproduces the issue-12 default's figures: its generator settings are pinned,
+    not inherited from the retuned 300-iteration presets (ddim re-noising, kappa4 1.5, k odds 3:1:1:1)."""
+    old, new = get_preset("digits-sid600"), get_preset(DEFAULT_PRESET)
+    assert (old.generator.noise_type, old.generator.k_weights, old.guidance.kappa4) == (
+        "fresh",
+        (2.0, 1.0, 1.0, 1.0),
+        1.25,
+    )
+    assert (old.train.max_steps, old.train.ema_halflife_kimg, old.eval.every_kimg, old.gan.mode) == (
+        600,
+        2.0,
+        4.8,
+        "off",
+    )
+    assert (new.generator.noise_type, new.guidance.kappa4, new.gan.mix) == ("ddim", 1.5, 0.6)
+
+
 def test_digits_lora_preset_is_the_issue_12_default_in_lora_mode():
     """Everything as the issue-12 default (data-free SiD, 600 iterations) except the LoRA section, the
     adapters' learning rates and the k odds (chosen on validation, see its docstring)."""
