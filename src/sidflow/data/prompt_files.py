@@ -61,10 +61,12 @@ def read_prompts(spec: str | Path, column: str | None = None) -> list[str]:
     if not path.is_file():
         raise DataError(f"prompt file {path} does not exist; pass {_FORMATS}")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _nonblank(_read_jsonl(path, column), path)
-    if suffix == ".csv":
-        return _nonblank(_read_csv(path, column), path)
+    if suffix in (".jsonl", ".csv"):
+        try:
+            values = _read_jsonl(path, column) if suffix == ".jsonl" else _read_csv(path, column)
+        except UnicodeDecodeError as err:
+            raise _not_utf8(path, err) from None
+        return _nonblank(values, path)
     if suffix == ".parquet":
         return _nonblank(_read_parquet(path, column), path)
     if column is not None:
@@ -127,13 +129,6 @@ def _not_utf8(path: Path, err: UnicodeDecodeError) -> DataError:
 
 
 def _read_jsonl(path: Path, column: str | None) -> list[object]:
-    try:
-        return _read_jsonl_utf8(path, column)
-    except UnicodeDecodeError as err:
-        raise _not_utf8(path, err) from None
-
-
-def _read_jsonl_utf8(path: Path, column: str | None) -> list[object]:
     name, values = None, []  # only the prompt column is kept, not whole records
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
@@ -156,13 +151,6 @@ def _read_jsonl_utf8(path: Path, column: str | None) -> list[object]:
 
 
 def _read_csv(path: Path, column: str | None) -> list[object]:
-    try:
-        return _read_csv_utf8(path, column)
-    except UnicodeDecodeError as err:
-        raise _not_utf8(path, err) from None
-
-
-def _read_csv_utf8(path: Path, column: str | None) -> list[object]:
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None:
