@@ -30,12 +30,13 @@ def test_default_preset_is_the_bundled_teacher_sid_then_sida():
 
 def test_previous_default_keeps_its_settings():
     """digits-sid600 reproduces the issue-12 default's figures: its generator settings are pinned,
-    not inherited from the retuned 300-iteration presets (ddim re-noising, kappa4 1.5, k odds 3:1:1:1)."""
+    not inherited from the retuned 300-iteration presets (ddim re-noising, kappa4 1.5, k odds 3:1:1:1, alpha 1.2)."""
     old, new = get_preset("digits-sid600"), get_preset(DEFAULT_PRESET)
-    assert (old.generator.noise_type, old.generator.k_weights, old.guidance.kappa4) == (
+    assert (old.generator.noise_type, old.generator.k_weights, old.guidance.kappa4, old.loss.alpha) == (
         "fresh",
         (2.0, 1.0, 1.0, 1.0),
         1.25,
+        1.5,
     )
     assert (old.train.max_steps, old.train.ema_halflife_kimg, old.eval.every_kimg, old.gan.mode) == (
         600,
@@ -43,7 +44,8 @@ def test_previous_default_keeps_its_settings():
         4.8,
         "off",
     )
-    assert (new.generator.noise_type, new.guidance.kappa4, new.gan.mix) == ("ddim", 1.5, 0.6)
+    assert (new.generator.noise_type, new.guidance.kappa4, new.loss.alpha) == ("ddim", 1.5, 1.2)
+    assert [new.gan.mix_for(k) for k in (1, 2, 4)] == [0.6, 0.85, 0.85]
 
 
 def test_digits_lora_preset_is_the_issue_12_default_in_lora_mode():

@@ -317,6 +317,26 @@ def test_sida_adversarial_term_reaches_the_generator():
     only_adv = _mlp_trainer(8, gan=dataclasses.replace(gan, mix=1.0), real_source=real)
     only_adv.images_seen = 8
     torch.testing.assert_close(grads(only_adv, "mix"), adversarial, rtol=1e-9, atol=1e-12)
+    # gan.mix_k: the weight of this k = 2 iteration is mix_k[1], whatever gan.mix says
+    by_k = _mlp_trainer(8, gan=dataclasses.replace(gan, mix=0.0, mix_k=(0.0, 1.0, 0.0)), real_source=real)
+    by_k.images_seen = 8
+    torch.testing.assert_close(grads(by_k, "mix"), adversarial, rtol=1e-9, atol=1e-12)
+
+
+def test_mix_k_needs_one_weight_per_k_in_zero_one():
+    assert GANConfig(mix=0.5, mix_k=(0.6, 0.9)).mix_for(2) == 0.9 and GANConfig(mix=0.5).mix_for(2) == 0.5
+    with pytest.raises(ConfigError, match="gan.mix_k=0.6,0.9 needs 4 values"):
+        SiDConfig(generator=GeneratorConfig(num_steps=4), gan=GANConfig(mix_k=(0.6, 0.9)))
+    with pytest.raises(ConfigError, match=r"must lie in \[0, 1\]"):
+        GANConfig(mix_k=(0.5, 1.5))
+
+
+def test_mix_ramp_rises_linearly_after_mix_kimg():
+    gan = GANConfig(mix=0.8, mix_kimg=2.0, mix_ramp_kimg=4.0)
+    assert [gan.mix_for(1, n) for n in (1000, 2000, 4000, 6000, 9000)] == pytest.approx([0, 0, 0.4, 0.8, 0.8])
+    assert GANConfig(mix_k=(0.6, 1.0), mix_kimg=0, mix_ramp_kimg=2).mix_for(2, 500) == 0.25
+    with pytest.raises(ConfigError, match="mix_ramp_kimg"):
+        GANConfig(mix_ramp_kimg=-1)
 
 
 def test_ema_matches_its_closed_form():

@@ -243,11 +243,27 @@ class GANConfig:
     warmup_kimg: float = 20.0  # no generator update before this many images
     mix_kimg: float = 40.0  # after this, generator loss 0.5 SiD + 0.5 adversarial
     mix: float = 0.5  # weight of the adversarial term after mix_kimg
+    # that weight for iterations that train k = 1..K steps (one value per k); None = mix for every k
+    mix_k: tuple[float, ...] | None = None
+    # the weight rises linearly from 0 over this many images after mix_kimg; 0 = a step (the reference)
+    mix_ramp_kimg: float = 0.0
     lsd: float = 1.0  # discriminator loss scale
     lsg_gan: float = 1.0  # generator adversarial loss scale
 
     def __post_init__(self) -> None:
         _validate(self)
+        if not all(0.0 <= m <= 1.0 for m in (self.mix, *(self.mix_k or ()))):
+            raise ConfigError(f"gan.mix={self.mix} and gan.mix_k={self.mix_k} must lie in [0, 1]")
+        if self.mix_ramp_kimg < 0:
+            raise ConfigError(f"gan.mix_ramp_kimg={self.mix_ramp_kimg} must be >= 0 (0 = no ramp)")
+
+    def mix_for(self, k: int, images_seen: float = math.inf) -> float:
+        """The adversarial weight of an iteration whose generator runs ``k`` steps, ``images_seen``
+        images into the run (past ``mix_kimg``; ``mix_ramp_kimg`` ramps it in)."""
+        mix = self.mix if self.mix_k is None else self.mix_k[k - 1]
+        if self.mix_ramp_kimg > 0:
+            mix *= min(1.0, max(0.0, images_seen / 1000 - self.mix_kimg) / self.mix_ramp_kimg)
+        return mix
 
 
 @dataclass(frozen=True)
@@ -354,12 +370,16 @@ class SiDConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        a, steps = self.loss.alpha_k, self.generator.num_steps
-        if a is not None and len(a) != steps:
-            raise ConfigError(
-                f"loss.alpha_k={','.join(map(str, a))} needs {steps} values (one per k = "
-                f"1..generator.num_steps), or none to use loss.alpha for every k"
-            )
+        steps = self.generator.num_steps
+        for key, values, fallback in (
+            ("loss.alpha_k", self.loss.alpha_k, "loss.alpha"),
+            ("gan.mix_k", self.gan.mix_k, "gan.mix"),
+        ):
+            if values is not None and len(values) != steps:
+                raise ConfigError(
+                    f"{key}={','.join(map(str, values))} needs {steps} values (one per k = "
+                    f"1..generator.num_steps), or none to use {fallback} for every k"
+                )
 
 
 # ---- (de)serialisation and overrides ----------------------------------------------------------

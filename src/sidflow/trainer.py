@@ -339,7 +339,7 @@ class SiDTrainer:
         assert feats is not None
         w = loss_weight(lc.weighting, d.t, x_g, x0_teacher)
         adv = self.config.gan.lsg_gan * generator_adv_loss(feats, w, self.latent_numel)
-        mix = self.config.gan.mix
+        mix = self.config.gan.mix_for(k, self.images_seen)
         return (1 - mix) * per_sample + mix * adv, mask & finite_mask(feats)
 
     def _fake_x0(

@@ -110,6 +110,16 @@ def _alpha(config: SiDConfig) -> str:
     return f"{lc.alpha:g}" if lc.alpha_k is None else "by k " + _per_k(lc.alpha_k)
 
 
+def _sida_line(config: SiDConfig) -> str:
+    g = config.gan
+    mix = f"{g.mix:g}" if g.mix_k is None else "by k " + _per_k(g.mix_k)
+    return (
+        f"SiDA: real images `{config.data.real}`; generator frozen for {g.warmup_kimg:g}k images, SiD alone "
+        f"until {g.mix_kimg:g}k, then adversarial weight {mix}"
+        + (f" (reached over {g.mix_ramp_kimg:g}k images)" if g.mix_ramp_kimg > 0 else "")
+    )
+
+
 def _figures_line(config: SiDConfig, result: dict[str, Any]) -> str:
     """Which weights the figures come from: the final ones, or the snapshot selected on validation."""
     ema = " (EMA)" if config.train.ema_halflife_kimg > 0 else ""
@@ -205,6 +215,7 @@ def finish_run(
         f"kappa1..4 = {config.guidance.kappa1:g}/{config.guidance.kappa2:g}/"
         f"{config.guidance.kappa3_value:g}/{config.guidance.kappa4:g}; lr {config.optim.lr:g}, "
         f"glr {config.optim.glr:g}, batch {config.train.batch}",
+        *([_sida_line(config)] if config.gan.mode == "sida" else []),
         _figures_line(config, result) + "; teacher figures from the cached baseline, same evaluator, prompts and seeds",
     ]
     if teacher_ref.get("floor_fid"):
