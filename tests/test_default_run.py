@@ -116,5 +116,8 @@ def test_shortened_default_run(tmp_path, select):
     assert metrics["teacher"]["best"]["fid"] > 0 and metrics["teacher"]["num_samples"] == 1000
     report = (run / "report.md").read_text()
     assert "teacher Euler" in report and "SiD student" in report
+    assert (
+        "SiDA: real images `builtin:digits-train`; SiD alone until 2.4k images, then adversarial weight by k" in report
+    )
     for name in ("samples.png", "metrics.png", "config.json", "log.jsonl"):
         assert (run / name).is_file(), name

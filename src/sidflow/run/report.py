@@ -113,9 +113,10 @@ def _alpha(config: SiDConfig) -> str:
 def _sida_line(config: SiDConfig) -> str:
     g = config.gan
     mix = f"{g.mix:g}" if g.mix_k is None else "by k " + _per_k(g.mix_k)
+    frozen = f"generator frozen for {g.warmup_kimg:g}k images, " if g.warmup_kimg > 0 else ""
     return (
-        f"SiDA: real images `{config.data.real}`; generator frozen for {g.warmup_kimg:g}k images, SiD alone "
-        f"until {g.mix_kimg:g}k, then adversarial weight {mix}"
+        f"SiDA: real images `{config.data.real}`; {frozen}SiD alone "
+        f"until {g.mix_kimg:g}k images, then adversarial weight {mix}"
         + (f" (reached over {g.mix_ramp_kimg:g}k images)" if g.mix_ramp_kimg > 0 else "")
     )
 
