@@ -8,6 +8,7 @@ import pytest
 
 from sidflow import cli
 from sidflow.cli.distill import DEFAULT_PRESET
+from sidflow.config import from_json, to_json
 from sidflow.run.presets import get_preset
 
 pytestmark = pytest.mark.slow
@@ -46,6 +47,7 @@ def test_previous_default_keeps_its_settings():
     )
     assert (new.generator.noise_type, new.guidance.kappa4, new.loss.alpha) == ("ddim", 1.5, 1.2)
     assert [new.gan.mix_for(k) for k in (1, 2, 4)] == [0.6, 0.85, 0.85]
+    assert from_json(to_json(new)) == new  # the per-k tuple survives the run folder's config.json
 
 
 def test_digits_lora_preset_is_the_issue_12_default_in_lora_mode():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -321,6 +322,10 @@ def test_sida_adversarial_term_reaches_the_generator():
     by_k = _mlp_trainer(8, gan=dataclasses.replace(gan, mix=0.0, mix_k=(0.0, 1.0, 0.0)), real_source=real)
     by_k.images_seen = 8
     torch.testing.assert_close(grads(by_k, "mix"), adversarial, rtol=1e-9, atol=1e-12)
+    # gan.mix_ramp_kimg: 8 images into a 16-image ramp, a weight of 1 counts half: the mix = 0.5 gradient
+    ramped = _mlp_trainer(8, gan=dataclasses.replace(gan, mix=1.0, mix_ramp_kimg=0.016), real_source=real)
+    ramped.images_seen = 8
+    torch.testing.assert_close(grads(ramped, "mix"), mixed, rtol=1e-9, atol=1e-12)
 
 
 def test_mix_k_needs_one_weight_per_k_in_zero_one():
@@ -335,8 +340,18 @@ def test_mix_ramp_rises_linearly_after_mix_kimg():
     gan = GANConfig(mix=0.8, mix_kimg=2.0, mix_ramp_kimg=4.0)
     assert [gan.mix_for(1, n) for n in (1000, 2000, 4000, 6000, 9000)] == pytest.approx([0, 0, 0.4, 0.8, 0.8])
     assert GANConfig(mix_k=(0.6, 1.0), mix_kimg=0, mix_ramp_kimg=2).mix_for(2, 500) == 0.25
-    with pytest.raises(ConfigError, match="mix_ramp_kimg"):
-        GANConfig(mix_ramp_kimg=-1)
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ConfigError, match="mix_ramp_kimg"):
+            GANConfig(mix_ramp_kimg=bad)
+
+
+def test_report_names_the_sida_schedule():
+    from sidflow.run.report import _sida_line
+
+    gan = GANConfig(mode="sida", warmup_kimg=1.0, mix_kimg=2.0, mix_k=(0.6, 0.85), mix_ramp_kimg=1.5)
+    line = _sida_line(SiDConfig(generator=GeneratorConfig(num_steps=2), gan=gan))
+    assert "generator frozen for 1k images, SiD alone until 2k images" in line
+    assert line.endswith("adversarial weight by k 0.6:0.85 (reached over 1.5k images)")
 
 
 def test_ema_matches_its_closed_form():

@@ -254,7 +254,7 @@ class GANConfig:
         _validate(self)
         if not all(0.0 <= m <= 1.0 for m in (self.mix, *(self.mix_k or ()))):
             raise ConfigError(f"gan.mix={self.mix} and gan.mix_k={self.mix_k} must lie in [0, 1]")
-        if self.mix_ramp_kimg < 0:
+        if not math.isfinite(self.mix_ramp_kimg) or self.mix_ramp_kimg < 0:
             raise ConfigError(f"gan.mix_ramp_kimg={self.mix_ramp_kimg} must be >= 0 (0 = no ramp)")
 
     def mix_for(self, k: int, images_seen: float = math.inf) -> float:
