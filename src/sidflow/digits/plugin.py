@@ -65,18 +65,18 @@ def digits_sid_preset() -> SiDConfig:
     included: 300 iterations of 32 (9,600 generator images). The comparison row of the default (the
     same run without real images).
 
-    Settings tuned earlier in 600-iteration data-free runs (``digits-sid600``): the
-    fake score runs unguided (kappa1 = kappa2 = 1, one pass) and learns 3x faster than the generator
-    (lr 3e-4 vs glr 1e-4). Retuned for the 300-iteration SiD-then-SiDA default (issue 14, validation
+    Settings tuned earlier in 600-iteration data-free runs (``digits-sid600``): the fake score runs
+    unguided (kappa1 = kappa2 = 1, one pass) and learns 3x faster than the generator (lr 3e-4 vs
+    glr 1e-4). Retuned for the 300-iteration SiD-then-SiDA default (issue 14, validation
     FIDs only; README table): deterministic re-noising between the generator's steps
     (``noise_type="ddim"``, an Euler step of the flow ODE) instead of fresh noise; teacher CFG
     kappa4 = 1.5 (1.25 with ddim lost prompt accuracy at four steps, 1.6 diverged at the end);
     k = 1 drawn three times as often as each of k = 2, 3, 4. alpha = 1.2 (the paper's; third round,
     three seeds each: alpha = 1.5, tuned on the 600-iteration runs, let the generator loss dip and
     the output collapse for a while in some seeds, and cost four-step prompt accuracy, 0.970-0.973
-    against 0.972-0.979). EMA half-life 1k images. The run
-    evaluates every 2.4k images and keeps, for each step count, the EMA snapshot with the best
-    validation FID (the 4,000 training digits; spec 9); the held-out digits take part in no choice.
+    against 0.972-0.979). EMA half-life 1k images. The run evaluates every 2.4k images and keeps,
+    for each step count, the EMA snapshot with the best validation FID (the 4,000 training digits;
+    spec 9); the held-out digits take part in no choice.
     """
     return SiDConfig(
         name=DIGITS_SID_PRESET,

@@ -107,12 +107,17 @@ def _k_odds(config: SiDConfig) -> str:
 
 def _alpha(config: SiDConfig) -> str:
     lc = config.loss
-    return f"{lc.alpha:g}" if lc.alpha_k is None else "by k " + _per_k(lc.alpha_k)
+    return _value_or_by_k(lc.alpha, lc.alpha_k)
+
+
+def _value_or_by_k(value: float, per_k: tuple[float, ...] | None) -> str:
+    """A setting that may be given per step count k (``loss.alpha_k``, ``gan.mix_k``)."""
+    return f"{value:g}" if per_k is None else "by k " + _per_k(per_k)
 
 
 def _sida_line(config: SiDConfig) -> str:
     g = config.gan
-    mix = f"{g.mix:g}" if g.mix_k is None else "by k " + _per_k(g.mix_k)
+    mix = _value_or_by_k(g.mix, g.mix_k)
     frozen = f"generator frozen for {g.warmup_kimg:g}k images, " if g.warmup_kimg > 0 else ""
     return (
         f"SiDA: real images `{config.data.real}`; {frozen}SiD alone "
